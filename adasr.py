@@ -1,0 +1,440 @@
+"""adasr.py — the AdaSR streaming protocol, in one place (and `python adasr.py`, streaming inference).
+
+A problem arrives as a stream: first the question, then context chunks (sentences), each taking
+the time a person needs to say it. The model *thinks while reading*:
+
+    <instruction> Question: How many apples does Tom have at the end?<EOQ>     observation
+    Tom has 5 apples.<EOS>                                                     observation, chunk 0
+     Tom starts with 5.<EOT>                                                   policy, stream, chunk 0
+    It is a sunny day.<EOS>                                                    observation, chunk 1
+    <EOT>                                                                      policy: a *skip*
+    Tom buys 3 apples.<EOS>                                                    observation, chunk 2
+     5 + 3 = 8.<EOT>                                                           policy, stream, chunk 2
+    <EOI>                                                                      observation: stream ended
+     The answer is 8.<EOR> \\boxed{8}<EOA>                                     policy, deep phase
+
+What this file owns
+-------------------
+* The marker tokens and the instruction prompt.
+* ``Episode`` — THE data structure of the project. The rollout fills it token by token, the gold
+  builder fills it from a dataset record, ``Protocol.finish`` parses and clocks it, rewards.py
+  scores it, hrpo.py turns a batch of them into tensors for the loss. Nothing else is passed
+  around.
+* ``Protocol`` — how a problem becomes observation tokens (``blocks``), gold episodes for SFT in
+  both layouts, parsing an episode back into thoughts / skips / deep reasoning / answer, and the
+  latency clock of method.md §2.
+* ``python adasr.py`` — run a model on a stream and show it as it happens (see ``main``).
+
+Design decisions
+----------------
+* [ours] One interleaved sequence and one KV cache: observation tokens (written by the
+  environment) and policy tokens (written by the model) alternate in a single causal sequence.
+  StreamingThinker keeps input and output in two position spaces with two caches; with one
+  sequence the training forward sees exactly the context the rollout saw, so the rollout's
+  log-probs are exactly the training log-probs (PPO ratio exactly 1 before the first update).
+* The stream is a list of *observation blocks*. After every block but the last the model writes
+  one streaming thought ending in ``<EOT>``; after the last block (which ends with ``<EOI>``) it
+  writes the deep phase and stops at ``<EOA>``. The streaming layout has blocks
+  [prompt + chunk 0, chunk 1, …, chunk K-1, <EOI>]; read-then-think has one block
+  [prompt + all chunks + <EOI>]: the same machinery runs both baselines.
+* The end of the stream is an observation (``<EOI>``) the environment feeds — the model never
+  guesses that the input is over.
+* [ours] There is no thought on the question itself (StreamingThinker writes a restatement of the
+  question there; its loader drops it).
+* The clock (method.md §2): chunk k arrives at a_k = words(chunks 0..k) / (wpm/60) seconds, the
+  question at 0; the model writes ``decode_tps`` tokens per second and starts on chunk k at
+  max(a_k, end of its previous thought). Residual latency = t(last token) − a_last; residual
+  tokens = policy tokens finished after a_last. Prefilling observations is taken as free.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+
+from data import Problem
+from rewards import answers_match, boxed_contents, extract_answer
+
+MARKERS = ["<EOQ>", "<EOS>", "<EOT>", "<EOI>", "<EOR>", "<EOA>"]
+"""End of question, end of sentence (chunk), end of thought, end of input (the stream is over),
+end of reasoning, end of answer. Added to every tokenizer as special tokens."""
+
+STREAM, DEEP = 0, 1            # the phase of a token
+LAYOUTS = ("stream", "read_then_think")
+
+INSTRUCTION = ("Read the problem as it arrives. After each sentence think briefly, or skip. "
+               "When the input ends, reason and give the answer in \\boxed{}.")
+
+
+@dataclass
+class Parsed:
+    """An episode read back through the protocol.
+
+    thoughts:      per chunk, the streaming thought text ("" = skip; None = never reached).
+    deep:          the deep reasoning text (before <EOR>).
+    answer:        content of the boxed answer, or None.
+    stream_errors / deep_errors: why each phase breaks the protocol (empty = valid).
+    """
+    thoughts: list[str | None]
+    deep: str
+    answer: str | None
+    stream_errors: list[str]
+    deep_errors: list[str]
+
+    @property
+    def valid(self) -> bool:
+        return not self.stream_errors and not self.deep_errors
+
+    @property
+    def skips(self) -> list[bool]:
+        return [t == "" for t in self.thoughts]
+
+
+@dataclass
+class Episode:
+    """One trajectory, token by token — the record that flows rollout → rewards → hrpo → loss.
+
+    Per token (all lists have the same length):
+      tokens:   token id (prompt, observations and policy tokens in sequence order).
+      policy:   True where the model wrote the token (only these enter the loss).
+      phase:    STREAM or DEEP (observations carry the phase in which they were fed).
+      chunk:    chunk index; -1 for the prompt/question, K (= number of chunks) for <EOI> and the
+                deep phase.
+      logprobs: log-probability of the token under the sampling policy at its temperature
+                (0.0 for observations and for gold tokens).
+    Set by ``Protocol.finish``: ``times`` (seconds at which each token was written / arrived),
+    ``arrivals`` (arrival second of each chunk) and ``parsed``.
+    """
+    problem: Problem
+    layout: str
+    tokens: list[int] = field(default_factory=list)
+    policy: list[bool] = field(default_factory=list)
+    phase: list[int] = field(default_factory=list)
+    chunk: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    truncated: bool = False
+    times: list[float] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    parsed: Parsed | None = None
+
+    def append(self, ids: list[int], *, policy: bool, phase: int, chunk: int | list[int],
+               logprobs: list[float] | None = None) -> None:
+        """Append tokens that share ``policy`` and ``phase``; ``chunk`` is one index or one per id."""
+        self.tokens += ids
+        self.policy += [policy] * len(ids)
+        self.phase += [phase] * len(ids)
+        self.chunk += chunk if isinstance(chunk, list) else [chunk] * len(ids)
+        self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+
+    # -- counts derived from the per-token lists and the clock ------------------------------
+    def _count(self, phase: int | None = None, after: float | None = None) -> int:
+        return sum(1 for p, ph, t in zip(self.policy, self.phase, self.times)
+                   if p and (phase is None or ph == phase) and (after is None or t > after))
+
+    @property
+    def stream_tokens(self) -> int:
+        return self._count(STREAM)
+
+    @property
+    def deep_tokens(self) -> int:
+        return self._count(DEEP)
+
+    @property
+    def residual_tokens(self) -> int:
+        """Policy tokens the user waits for: finished after the last chunk arrived."""
+        return self._count(after=self.arrivals[-1])
+
+    @property
+    def spill_tokens(self) -> int:
+        """Streaming tokens that spill past the last arrival (part of the residual)."""
+        return self._count(STREAM, after=self.arrivals[-1])
+
+    @property
+    def residual_s(self) -> float:
+        """Seconds between the last chunk's arrival and the model's last token."""
+        return max(0.0, self.times[-1] - self.arrivals[-1]) if self.times else 0.0
+
+
+class Protocol:
+    """Token-level protocol for one tokenizer and one clock.
+
+    ``tokenizer`` must already hold ``MARKERS`` as special tokens (``add_markers`` does it).
+    ``wpm`` is the reading speed of the stream (words per minute, 150 as in the paper) and
+    ``decode_tps`` the model's writing speed (tokens per second) of the simulated clock.
+    """
+
+    def __init__(self, tokenizer, wpm: float = 150.0, decode_tps: float = 20.0):
+        self.tok, self.wpm, self.decode_tps = tokenizer, wpm, decode_tps
+        self.eoq, self.eos, self.eot, self.eoi, self.eor, self.eoa = \
+            (tokenizer.token_id(m) for m in MARKERS)
+        self.markers = {tokenizer.token_id(m): m for m in MARKERS}
+        self.stop_ids = {self.eoa} | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
+
+    # -- from problem to tokens --------------------------------------------------------------
+    def text(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+    def blocks(self, problem: Problem, layout: str) -> list[tuple[list[int], list[int]]]:
+        """The observation blocks of a problem: a list of (token ids, chunk index per token).
+
+        After every block but the last the model writes one streaming thought; after the last it
+        writes the deep phase. Block 0 is identical for all samples of a problem (the rollout
+        prefills it once and copies it into the group).
+        """
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        prompt = self.tok.encode(f"{INSTRUCTION}\nQuestion: {problem.question}") + [self.eoq]
+        chunks = [self.tok.encode(f"\n{c}") + [self.eos] for c in problem.chunks]
+        K = len(chunks)
+        labelled = [(ids, [k] * len(ids)) for k, ids in enumerate(chunks)] + [([self.eoi], [K])]
+        head = (prompt, [-1] * len(prompt))
+        if layout == "read_then_think":
+            labelled = [head] + labelled
+            return [(sum((ids for ids, _ in labelled), []), sum((c for _, c in labelled), []))]
+        first = (head[0] + labelled[0][0], head[1] + labelled[0][1])
+        return [first] + labelled[1:]
+
+    def thought_ids(self, text: str) -> list[int]:
+        """A streaming thought as the model writes it: text then <EOT>; "" is the skip."""
+        return (self.tok.encode(" " + text.strip()) if text.strip() else []) + [self.eot]
+
+    def deep_ids(self, reasoning: str, answer: str) -> list[int]:
+        """The deep phase as the model writes it: reasoning <EOR> \\boxed{answer}<EOA>."""
+        return (self.tok.encode(" " + reasoning.strip()) + [self.eor]
+                + self.tok.encode(f" \\boxed{{{answer}}}") + [self.eoa])
+
+    def gold(self, problem: Problem, layout: str) -> Episode:
+        """The gold trajectory of a problem in a layout (for SFT), finished (parsed + clocked).
+
+        Streaming layout: the record's thoughts (a skip for each chunk when it has none, e.g.
+        GSM8K) and deep reasoning. Read-then-think: all thinking (``rtt_deep``) after the stream.
+        """
+        ep = Episode(problem, layout)
+        blocks = self.blocks(problem, layout)
+        thoughts = problem.thoughts or [""] * len(problem.chunks)
+        for j, (ids, chunks) in enumerate(blocks):
+            ep.append(ids, policy=False, phase=STREAM if j < len(blocks) - 1 else DEEP,
+                      chunk=chunks)
+            if j < len(blocks) - 1:
+                ep.append(self.thought_ids(thoughts[j]), policy=True, phase=STREAM, chunk=j)
+        reasoning = problem.deep if layout == "stream" else problem.rtt_deep
+        if reasoning is None:
+            raise ValueError(f"problem {problem.id}: no gold {'deep' if layout == 'stream' else 'rtt_deep'}"
+                             f" reasoning for the {layout} layout")
+        ep.append(self.deep_ids(reasoning, problem.answer), policy=True, phase=DEEP,
+                  chunk=len(problem.chunks))
+        return self.finish(ep)
+
+    # -- from tokens back to meaning ----------------------------------------------------------
+    def finish(self, ep: Episode) -> Episode:
+        """Parse and clock a complete episode (in place); returns it for chaining."""
+        ep.parsed = self.parse(ep)
+        ep.arrivals, ep.times = self.clock(ep)
+        return ep
+
+    def parse(self, ep: Episode) -> Parsed:
+        """Read an episode back into per-chunk thoughts, skips, deep reasoning and answer, and
+        list every way in which it breaks the protocol (per phase, for the phase rewards)."""
+        K = len(ep.problem.chunks)
+        per_chunk: list[list[int]] = [[] for _ in range(K)]
+        deep: list[int] = []
+        for tok, pol, ph, ch in zip(ep.tokens, ep.policy, ep.phase, ep.chunk):
+            if pol:
+                (per_chunk[ch] if ph == STREAM else deep).append(tok)
+        stream_errors, deep_errors = [], []
+        # Read-then-think writes no streaming thought: every chunk counts as skipped.
+        thoughts: list[str | None] = [] if ep.layout == "stream" else [""] * K
+        for k, ids in enumerate(per_chunk if ep.layout == "stream" else []):
+            if not ids or ids[-1] != self.eot:
+                stream_errors.append(f"chunk {k}: thought " +
+                                     ("never written" if not ids else "does not end with <EOT>"))
+                thoughts.append(None)
+                continue
+            stray = [self.markers[t] for t in ids[:-1] if t in self.markers]
+            if stray:
+                stream_errors.append(f"chunk {k}: marker {stray[0]} inside the thought")
+            thoughts.append(self.text(ids[:-1]).strip())
+        if ep.truncated:
+            (deep_errors if deep or ep.layout != "stream" else stream_errors).append(
+                "truncated at the token budget")
+        answer, reasoning = None, ""
+        if not deep:
+            deep_errors.append("no deep phase")
+        else:
+            if deep[-1] != self.eoa:
+                deep_errors.append("does not end with <EOA>")
+            body = deep[:-1] if deep[-1] in self.stop_ids else deep
+            n_eor = body.count(self.eor)
+            if n_eor != 1:
+                deep_errors.append(f"{n_eor} <EOR> markers (expected 1)")
+            cut = body.index(self.eor) if n_eor else len(body)
+            stray = [self.markers[t] for t in body if t in self.markers and t != self.eor]
+            if stray:
+                deep_errors.append(f"marker {stray[0]} inside the deep phase")
+            reasoning = self.text(body[:cut]).strip()
+            answer_text = self.text(body[cut + 1:]) if n_eor else ""
+            n_box = len(boxed_contents(answer_text))
+            if n_box != 1:
+                deep_errors.append(f"{n_box} boxed answers after <EOR> (expected 1)")
+            answer = extract_answer(answer_text)
+        return Parsed(thoughts, reasoning, answer, stream_errors, deep_errors)
+
+    def arrivals(self, problem: Problem) -> list[float]:
+        """Second at which each chunk has been fully spoken: words so far / (wpm / 60).
+        A problem without chunks (a one-sentence question) has its "last arrival" at 0."""
+        words, out = 0, []
+        for c in problem.chunks:
+            words += len(c.split())
+            out.append(words * 60.0 / self.wpm)
+        return out or [0.0]
+
+    def clock(self, ep: Episode) -> tuple[list[float], list[float]]:
+        """The simulated latency clock (method.md §2).
+
+        Returns (arrivals, times): arrivals[k] is when chunk k has been fully spoken; times[i] is
+        when token i arrived (observation) or was finished (policy token). The model starts on a
+        chunk when both the chunk has arrived and its previous thought is done; each policy
+        token takes 1/decode_tps seconds.
+        """
+        arrivals = self.arrivals(ep.problem)
+        arrive = arrivals + [arrivals[-1]]          # index K: <EOI> and the deep phase
+        t, times = 0.0, []
+        for pol, ch in zip(ep.policy, ep.chunk):
+            if pol:
+                t += 1.0 / self.decode_tps
+                times.append(t)
+            else:
+                a = 0.0 if ch < 0 else arrive[ch]
+                t = max(t, a)
+                times.append(a)
+        return arrivals, times
+
+
+    # -- showing an episode --------------------------------------------------------------------
+    def chunk_line(self, problem: Problem, k: int) -> str:
+        return f"[{self.arrivals(problem)[k]:6.1f}s] {problem.chunks[k]}"
+
+    @staticmethod
+    def thought_line(thought: str | None) -> str:
+        return ("          (skip)" if thought == "" else
+                "          (never reached)" if thought is None else f"          💭 {thought}")
+
+    def ending_lines(self, ep: Episode) -> list[str]:
+        """End of input, deep reasoning, answer and verdict of a finished episode."""
+        p, ref = ep.parsed, ep.problem.answer
+        verdict = "" if not ref else ("  ✓ correct" if p.valid and answers_match(p.answer, ref)
+                                      else f"  ✗ (reference {ref})")
+        end = f"[{ep.arrivals[-1]:6.1f}s] <end of input>" if self.eoi in ep.tokens else \
+            "          (stopped before the end of the input)"
+        return [end,
+                f"          🧠 {p.deep}",
+                f"          answer: {p.answer}{verdict}",
+                f"          residual latency {ep.residual_s:.2f}s ({ep.residual_tokens} tokens); "
+                f"stream {ep.stream_tokens} / deep {ep.deep_tokens} tokens"
+                + ("" if p.valid else f"; format errors: {'; '.join(p.stream_errors + p.deep_errors)}")]
+
+    def render(self, ep: Episode) -> str:
+        """A finished episode as a readable trace: each chunk with its arrival time and the
+        thought or skip it triggered, then the deep reasoning, the answer and the latency."""
+        lines = [f"Question: {ep.problem.question}"]
+        for k in range(len(ep.problem.chunks)):
+            lines.append(self.chunk_line(ep.problem, k))
+            if ep.layout == "stream":
+                lines.append(self.thought_line(ep.parsed.thoughts[k]))
+        return "\n".join(lines + self.ending_lines(ep))
+
+
+def add_markers(model, tokenizer) -> None:
+    """Give a tokenizer the AdaSR markers and grow the model's embedding to hold them."""
+    tokenizer.add_special_tokens(MARKERS)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        model.resize_vocab(tokenizer.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming inference from the command line
+# ---------------------------------------------------------------------------------------------
+
+def episode_record(ep: Episode) -> dict:
+    """One machine-readable record of a finished episode (``python adasr.py --json``)."""
+    p, ref = ep.parsed, ep.problem.answer
+    return {"id": ep.problem.id, "question": ep.problem.question, "chunks": ep.problem.chunks,
+            "thoughts": p.thoughts, "skips": p.skips, "deep": p.deep, "answer": p.answer,
+            "reference": ref or None,
+            "correct": (p.valid and answers_match(p.answer, ref)) if ref else None,
+            "format_valid": p.valid, "format_errors": p.stream_errors + p.deep_errors,
+            "stream_tokens": ep.stream_tokens, "deep_tokens": ep.deep_tokens,
+            "residual_tokens": ep.residual_tokens, "residual_s": round(ep.residual_s, 3),
+            "truncated": ep.truncated}
+
+
+class LiveView:
+    """Prints episodes while they are rolled out (``rollout(..., on_token=LiveView(protocol))``):
+    the question, each chunk once it has been fed, each thought (or skip) once the model closes it
+    with <EOT>, and the ending when the episode stops."""
+
+    def __init__(self, protocol: Protocol):
+        self.protocol = protocol
+        self.shown: dict[int, int] = {}        # id(episode) -> chunks printed (-1: not even the question)
+
+    def __call__(self, ep: Episode) -> None:
+        pr, last = self.protocol, ep.tokens[-1]
+        shown = self.shown.setdefault(id(ep), -1)
+        if shown < 0:
+            print(f"Question: {ep.problem.question}", flush=True)
+        fed = sum(1 for t, pol in zip(ep.tokens, ep.policy) if not pol and t == pr.eos)
+        for k in range(max(shown, 0), fed):
+            print(pr.chunk_line(ep.problem, k), flush=True)
+        self.shown[id(ep)] = fed
+        if ep.parsed is not None:
+            print("\n".join(pr.ending_lines(ep)) + "\n", flush=True)
+        elif ep.policy[-1] and ep.phase[-1] == STREAM and last == pr.eot:
+            k = ep.chunk[-1]
+            ids = [t for t, pol, c in zip(ep.tokens, ep.policy, ep.chunk) if pol and c == k]
+            print(pr.thought_line(pr.text(ids[:-1]).strip()), flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Run a model on a stream and show it as it happens.")
+    ap.add_argument("--model", required=True, help="checkpoint directory, .gguf file or 'smollm2'")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--problem", help="free text; the asking sentence becomes the question")
+    src.add_argument("--data", help="StreamingThinker JSON or GSM8K JSONL file")
+    ap.add_argument("--limit", type=int, default=None, help="first N problems of --data")
+    ap.add_argument("--layout", default="stream", choices=LAYOUTS)
+    ap.add_argument("--wpm", type=float, default=150.0, help="words per minute of the stream")
+    ap.add_argument("--decode-tps", type=float, default=20.0, help="model tokens per second")
+    ap.add_argument("--budget", type=int, default=256, help="policy tokens per problem")
+    temp = ap.add_mutually_exclusive_group()
+    temp.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+    temp.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", action="store_true", help="one JSON record per problem")
+    args = ap.parse_args(argv)
+
+    import torch
+    from data import load_problems, split_question
+    from model import load_pretrained
+    from rollout import rollout
+
+    if args.problem:
+        question, chunks = split_question(args.problem)
+        problems = [Problem(id="cli", question=question, chunks=chunks, answer="")]
+    else:
+        problems = load_problems(args.data)[:args.limit]
+    model, tok = load_pretrained(args.model, device=args.device)
+    add_markers(model, tok)
+    protocol = Protocol(tok, wpm=args.wpm, decode_tps=args.decode_tps)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    for problem in problems:
+        [ep] = rollout(model, protocol, [problem], layout=args.layout, budget=args.budget,
+                       temperature=0.0 if args.greedy else args.temperature, generator=gen,
+                       on_token=None if args.json else LiveView(protocol))
+        if args.json:
+            print(json.dumps(episode_record(ep)), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
