@@ -185,7 +185,8 @@ class Protocol:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         prompt = self.tok.encode(f"{INSTRUCTION}\nQuestion: {problem.question}") + [self.eoq]
-        chunks = [self.tok.encode(f"\n{c}") + [self.eos] for c in problem.chunks]
+        # A leading space, as inside the question, so "Tom" is the same token in both places.
+        chunks = [self.tok.encode(f" {c}") + [self.eos] for c in problem.chunks]
         K = len(chunks)
         labelled = [(ids, [k] * len(ids)) for k, ids in enumerate(chunks)] + [([self.eoi], [K])]
         head = (prompt, [-1] * len(prompt))

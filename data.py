@@ -330,60 +330,59 @@ def load_problems(path: str | Path, *, skip_bad: bool = False) -> list[Problem]:
 # ---------------------------------------------------------------------------------------------
 # The synthetic streaming task
 #
-# Track one person's count of one item through a stream of one-sentence events; only the
-# target's events with the target item matter. A small fixed vocabulary and a handful of sentence
-# shapes keep the BPE vocabulary tiny and the task learnable by a ~1M-parameter model.
+# Track your count of one item through a stream of one-sentence events told in the second
+# person ("You buy 3 apples."); other people's events and filler sentences do not matter. A small
+# fixed vocabulary and a handful of sentence shapes keep the BPE vocabulary tiny and the task
+# learnable by a ~1M-parameter model.
+#
+# [ours] The target is "you", not a named person. With a named target ("How many apples does Tom
+# have?") the model must match each chunk's name against the question's; our ~1M-parameter model
+# did not learn that binding within the default job's CPU budget (measured: after 800 SFT steps
+# half of the other people's events were still treated as relevant). With "you", whether a chunk
+# matters is visible in the chunk, and the run's minutes go to what AdaSR is about: when to think.
 
-NAMES = ("Tom", "Ann", "Ben", "Eva", "Sam", "Mia", "Leo", "Zoe")
+NAMES = ("Tom", "Ann", "Ben", "Eva", "Sam", "Mia", "Leo", "Zoe")     # the other people
 ITEMS = (("apple", "apples"), ("pear", "pears"), ("pen", "pens"),
          ("card", "cards"), ("book", "books"), ("coin", "coins"))
-MAX_DELTA = 5  # events move 1..MAX_DELTA items: small numbers keep the arithmetic learnable
+MAX_DELTA = 4  # events move 1..MAX_DELTA items: small numbers keep the arithmetic learnable
 # Event verb -> (sign of the change for its subject, past tense used in the recap).
-VERBS = {"buys": (1, "bought"), "finds": (1, "found"), "loses": (-1, "lost"), "gives": (-1, "gave")}
-# Sentences that change nobody's count; "{name}" is any person, the target included, so that
-# mentioning the target does not by itself make a chunk relevant.
+VERBS = {"buy": (1, "bought"), "find": (1, "found"), "lose": (-1, "lost"), "give": (-1, "gave")}
+# Sentences that change nobody's count.
 FILLERS = ("It is a sunny day.", "It starts to rain.", "The shop is busy.",
            "{name} walks to the park.", "{name} sings a song.")
 
 
-def _event(rng: random.Random, name: str, verb: str, k: int, item: tuple[str, str],
-           target: str) -> str:
-    """One event sentence, e.g. "Tom gives 4 apples to Ann." (a gift never goes to the target,
-    so that only the target's own events change the target's count)."""
+def _event(rng: random.Random, subject: str, verb: str, k: int, item: tuple[str, str]) -> str:
+    """One event sentence: "You give 4 apples to Ann.", "Ann buys 1 apple." (a gift always goes
+    to another person, so that only your own events change your count)."""
     what = f"{k} {item[0] if k == 1 else item[1]}"
-    if verb == "gives":
-        recipient = rng.choice([n for n in NAMES if n not in (name, target)])
-        return f"{name} gives {what} to {recipient}."
-    return f"{name} {verb} {what}."
+    form = verb if subject == "You" else {"have": "has"}.get(verb, verb + "s")
+    if verb == "give":
+        return f"{subject} {form} {what} to {rng.choice([n for n in NAMES if n != subject])}."
+    return f"{subject} {form} {what}."
 
 
-def _distractor(rng: random.Random, target: str, item: tuple[str, str]) -> str:
-    """An irrelevant chunk: another person's event with the target item, the target's event with
-    another item, or a filler sentence (one third each)."""
-    kind = rng.randrange(3)
-    if kind == 2:
+def _distractor(rng: random.Random, item: tuple[str, str]) -> str:
+    """An irrelevant chunk: another person's event with your item (two thirds), or a filler."""
+    if rng.randrange(3) == 2:
         return rng.choice(FILLERS).format(name=rng.choice(NAMES))
-    if kind == 0:
-        name, what = rng.choice([n for n in NAMES if n != target]), item
-    else:
-        name, what = target, rng.choice([i for i in ITEMS if i != item])
-    verb = rng.choice(("has", *VERBS))
-    return _event(rng, name, verb, rng.randint(1, MAX_DELTA), what, target)
+    verb = rng.choice(("have", *VERBS))
+    return _event(rng, rng.choice(NAMES), verb, rng.randint(1, MAX_DELTA), item)
 
 
 def _synthetic_problem(key: str, n_chunks: tuple[int, int], max_value: int, irrelevant: float,
                        terse: float) -> Problem:
     """The synthetic problem for one key ("SEED/I"), drawn from random.Random(key) alone."""
     rng = random.Random(key)
-    target, item = rng.choice(NAMES), rng.choice(ITEMS)
+    item = rng.choice(ITEMS)
     count = rng.randint(1, max_value)
-    chunks = [f"{target} has {count} {item[0] if count == 1 else item[1]}."]
+    chunks = [_event(rng, "You", "have", count, item)]
     relevant = [True]
-    thoughts = [f"{target} starts with {count}."]  # the running count is always written last
-    recap = [f"{target} started with {count}."]
+    thoughts = [f"You start with {count}."]  # the running count is always written last
+    recap = [f"You started with {count}."]
     for _ in range(rng.randint(*n_chunks) - 1):
         if rng.random() < irrelevant:
-            chunks.append(_distractor(rng, target, item))
+            chunks.append(_distractor(rng, item))
             relevant.append(False)
             # Drawn even when terse is 0 or 1, so that terse changes thoughts, never problems.
             skip = rng.random() < terse
@@ -395,25 +394,28 @@ def _synthetic_problem(key: str, n_chunks: tuple[int, int], max_value: int, irre
         sign, past = VERBS[verb]
         k = rng.randint(1, min(MAX_DELTA, max_value - count if sign > 0 else count))
         step = f"{count} {'+' if sign > 0 else '-'} {k} = {count + sign * k}."
-        chunks.append(_event(rng, target, verb, k, item, target))
+        chunks.append(_event(rng, "You", verb, k, item))
         relevant.append(True)
         thoughts.append(step)
-        recap.append(f"{target} {past} {k}, so {step}")
+        recap.append(f"You {past} {k}, so {step}")
         count += sign * k
     final = f"The answer is {count}."
-    full = " ".join(recap + [final])
+    # "Recap:" makes the full recap's first token the same for every problem, so that the SFT
+    # model's most likely deep phase is the majority (full) one and the terse one stays the
+    # 20% alternative that sampling explores.
+    full = " ".join(["Recap:"] + recap + [final])
     deep = final if rng.random() < terse else full
-    question = f"How many {item[1]} does {target} have at the end?"
+    question = f"How many {item[1]} do you have at the end?"
     return Problem(id=f"synthetic/{key}", question=question, chunks=chunks, answer=str(count),
                    relevant=relevant, thoughts=thoughts, deep=deep, rtt_deep=full)
 
 
 def make_synthetic(n: int, seed: int | str, *, n_chunks: tuple[int, int] = (4, 7),
-                   max_value: int = 20, irrelevant: float = 0.4,
+                   max_value: int = 12, irrelevant: float = 0.4,
                    terse: float = 0.2) -> list[Problem]:
     """n synthetic counting problems; problem i depends only on (seed, i) and the options.
 
-    n_chunks: inclusive range of the number of chunks; the first chunk ("Tom has 5 apples.") is
+    n_chunks: inclusive range of the number of chunks; the first chunk ("You have 5 apples.") is
         always relevant, each later chunk is an event.
     max_value: counts stay within [0, max_value].
     irrelevant: probability that an event (a chunk after the first) does not matter; the share
@@ -422,17 +424,16 @@ def make_synthetic(n: int, seed: int | str, *, n_chunks: tuple[int, int] = (4, 7
         (skip), and per problem that the gold deep reasoning is just "The answer is N.".
 
     Example, make_synthetic(1, 0)[0]:
-        question  "How many cards does Mia have at the end?"
-        chunks    ["Mia has 13 cards.", "Mia has 2 coins.", "Mia loses 4 cards.",
-                   "Mia finds 5 pears.", "Mia buys 1 card.", "Mia loses 5 cards.",
-                   "Mia buys 4 cards."]
-        relevant  [True, False, True, False, True, True, True]
-        thoughts  ["Mia starts with 13.", "No change, still 13.", "13 - 4 = 9.", "",
-                   "9 + 1 = 10.", "10 - 5 = 5.", "5 + 4 = 9."]
-        deep      "Mia started with 13. Mia lost 4, so 13 - 4 = 9. Mia bought 1, so 9 + 1 = 10.
-                   Mia lost 5, so 10 - 5 = 5. Mia bought 4, so 5 + 4 = 9. The answer is 9."
+        question  "How many pens do you have at the end?"
+        chunks    ["You have 8 pens.", "You give 4 pens to Zoe.", "You find 2 pens.",
+                   "Ann loses 4 pens.", "You lose 1 pen.", "You lose 1 pen.", "The shop is busy."]
+        relevant  [True, True, True, False, True, True, False]
+        thoughts  ["You start with 8.", "8 - 4 = 4.", "4 + 2 = 6.", "No change, still 6.",
+                   "6 - 1 = 5.", "5 - 1 = 4.", "No change, still 4."]
+        deep      "Recap: You started with 8. You gave 4, so 8 - 4 = 4. You found 2, so 4 + 2 = 6.
+                   You lost 1, so 6 - 1 = 5. You lost 1, so 5 - 1 = 4. The answer is 4."
         rtt_deep  the same full recap (rtt_deep is never terse)
-        answer    "9"
+        answer    "4"
     """
     if not 1 <= n_chunks[0] <= n_chunks[1]:
         raise ValueError(f"n_chunks must be (lo, hi) with 1 <= lo <= hi, got {n_chunks}")

