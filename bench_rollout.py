@@ -13,10 +13,16 @@ for generate, and the ratio.
 An untrained model (SmolLM2 as shipped) never writes <EOT>, so its rollout is one long first
 thought until the budget — a pure decode benchmark; a trained AdaSR checkpoint exercises the
 whole protocol (chunks fed between thoughts, rows finishing at different times).
+
+Then one HRPO optimiser step on those rollouts (activation checkpointing on, as train.py does
+for pretrained models), with arbitrary distinct rewards so that every group carries signal: this
+measures the step's time and the process's peak memory, not learning.
 """
 from __future__ import annotations
 
 import argparse
+import random
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +31,9 @@ import torch
 
 from adasr import Protocol, add_markers
 from data import load_problems, make_synthetic
+from hrpo import HRPOConfig, rl_step
 from model import load_pretrained, save_checkpoint
+from rewards import Rewards
 from rollout import rollout
 
 
@@ -38,6 +46,7 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=4, help="B")
     ap.add_argument("--group", type=int, default=8, help="G")
     ap.add_argument("--budget", type=int, default=64, help="policy tokens per row")
+    ap.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,6 +91,19 @@ def main() -> None:
           f"{n_after_prompt - n_policy} observation tokens after the prompts)")
     print(f"  generate : {hf_s:6.1f} s  {hf_tps:7.1f} tok/s  ({B * G} rows × {new_tokens} tokens)")
     print(f"  ratio (all tokens/s, ours / transformers): {n_after_prompt / ours_s / hf_tps:.2f}×")
+
+    del hf
+    model.gradient_checkpointing = True
+    rng = random.Random(0)
+    rewards = [Rewards(0, 0, 0, total=rng.random(), stream=rng.random(), deep=rng.random())
+               for _ in episodes]
+    t = time.perf_counter()
+    m = rl_step(model, torch.optim.AdamW(model.parameters(), lr=1e-6), episodes, rewards, G,
+                HRPOConfig(), micro_batch=args.micro_batch)
+    longest = max(len(ep.tokens) for ep in episodes)
+    print(f"  one HRPO step: {time.perf_counter() - t:6.1f} s for {B * G} rows of up to {longest} "
+          f"tokens (micro-batch {args.micro_batch}), loss {m['loss']:+.4f}; peak process memory "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -92,14 +93,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("SFT")
     g.add_argument("--layout", default="stream", choices=["stream", "read_then_think"],
                    help="layout of the gold trajectories (--stage sft)")
-    g.add_argument("--sft-steps", type=int, default=400)
+    g.add_argument("--sft-steps", type=int, default=600)
     g.add_argument("--sft-batch", type=int, default=32)
     g.add_argument("--sft-lr", type=float, default=3e-3)
     g = p.add_argument_group("RL (HRPO; --lam 0 is GRPO)")
     g.add_argument("--rl-steps", type=int, default=60)
     g.add_argument("--rl-batch", type=int, default=8, help="problems per step (all ranks)")
     g.add_argument("--group", type=int, default=8, help="G, rollouts per problem")
-    g.add_argument("--rl-lr", type=float, default=1e-3)
+    g.add_argument("--rl-lr", type=float, default=2e-4)
     g.add_argument("--lam", type=float, default=0.5, help="local/global balance λ of HRPO")
     g.add_argument("--eps-low", type=float, default=0.2)
     g.add_argument("--eps-high", type=float, default=0.28)
@@ -128,6 +129,11 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank (after rank 0 wrote files the others will read)."""
+        if dist.is_initialized():
+            dist.barrier()
 
     def share(self, items: list) -> list:
         """This rank's contiguous share of a step's items (equal shares; world must divide)."""
@@ -170,6 +176,9 @@ def build_model(args, train_problems):
     scratch whose BPE tokenizer is trained on the gold trajectories' text."""
     if args.model:
         model, tok = load_pretrained(args.model, device=args.device)
+        # Recompute each block's activations in the backward pass: a pretrained model's
+        # activations, not its weights, are what overflow memory in an RL step (hrpo.py).
+        model.gradient_checkpointing = True
     else:
         # Every text carries the instruction, so that BPE merges it as often as it is read.
         texts = [" ".join([INSTRUCTION, p.question, *p.chunks, *(p.thoughts or []),
@@ -230,9 +239,12 @@ class Run:
         self.t0 = time.time()
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            if not args.resume and (self.out / "metrics.jsonl").exists():
-                (self.out / "metrics.jsonl").unlink()
+            if not args.resume:          # a fresh run: forget what an earlier run left here
+                for name in ["checkpoint", "metrics.jsonl"] + [job.name for job in plan(args)]:
+                    shutil.rmtree(self.out / name, ignore_errors=True)
+                    (self.out / name).unlink(missing_ok=True)
             write_json(self.out / "config.json", vars(args))
+        d.barrier()
         signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, *_):
@@ -246,6 +258,12 @@ class Run:
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) \
             if self.args.bf16 and self.args.device.startswith("cuda") else nullcontext()
+
+    def load(self, path: Path):
+        """A model saved by this run, set up like the run's start model."""
+        model = load_pretrained(path, device=self.args.device)[0]
+        model.gradient_checkpointing = self.model.gradient_checkpointing
+        return model
 
     def gold(self, i: int, layout: str):
         """Gold episode of training problem i (memoised: tokenised once per run)."""
@@ -272,24 +290,23 @@ class Run:
         if (final / "config.json").exists():
             if self.d.main:
                 print(f"[{job.name}] already trained: {final}")
-            return load_pretrained(final, device=args.device)[0]
-        model = copy.deepcopy(self.model) if job.start is None else \
-            load_pretrained(self.out / job.start, device=args.device)[0]
+            return self.load(final)
         steps, lr = (args.sft_steps, args.sft_lr) if job.kind == "sft" else (args.rl_steps, args.rl_lr)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
-                                      weight_decay=0.0 if job.kind == "rl" else 0.1)
-        ref_model = copy.deepcopy(model).eval() if job.kind == "rl" and args.kl_beta else None
-        step, state_file = 0, self.out / "checkpoint" / "trainer.pt"
+        start = copy.deepcopy(self.model) if job.start is None else self.load(self.out / job.start)
+        ref_model = start.eval() if job.kind == "rl" and args.kl_beta else None
+        state_file, state = self.out / "checkpoint" / "trainer.pt", None
         if args.resume and state_file.exists():
             state = torch.load(state_file, map_location=args.device, weights_only=False)
-            if state["job"] == job.name:
-                model = load_pretrained(self.out / "checkpoint", device=args.device)[0]
-                optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
-                                              weight_decay=0.0 if job.kind == "rl" else 0.1)
-                optimizer.load_state_dict(state["optimizer"])
-                step = state["step"]
-                if self.d.main:
-                    print(f"[{job.name}] resuming at step {step}/{steps}")
+            state = state if state["job"] == job.name else None
+        model = self.load(self.out / "checkpoint") if state else copy.deepcopy(start)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
+                                      weight_decay=0.0 if job.kind == "rl" else 0.1)
+        step = 0
+        if state:
+            optimizer.load_state_dict(state["optimizer"])
+            step = state["step"]
+            if self.d.main:
+                print(f"[{job.name}] resuming at step {step}/{steps}")
         if self.d.main:
             print(f"[{job.name}] {job.kind} on the {job.layout} layout, {steps} steps"
                   + (f", lam={job.lam}" if job.kind == "rl" else ""), flush=True)
@@ -319,6 +336,8 @@ class Run:
             sys.exit(130)
         if self.d.main:
             save_checkpoint(model, self.tok, final)
+            self.save_state(job, step, model, optimizer)
+        self.d.barrier()
         return model
 
     def sft_step(self, job, step, model, optimizer, rng) -> dict:
@@ -333,8 +352,8 @@ class Run:
     def rl_step(self, job, step, model, optimizer, ref_model, rng) -> dict:
         args = self.args
         problems = self.d.share(rng.sample(self.train, args.rl_batch))
-        gen = torch.Generator(device=args.device).manual_seed(
-            hash((args.seed, job.name, step, self.d.rank)) % 2**62)
+        gen = torch.Generator(device=args.device).manual_seed(    # str seeds hash reproducibly
+            random.Random(f"{args.seed}/{job.name}/{step}/{self.d.rank}").getrandbits(62))
         t = time.time()
         model.eval()
         episodes = rollout(model, self.protocol, problems, group_size=args.group, budget=args.budget,
@@ -411,9 +430,9 @@ def run_eval(run: Run, models: dict) -> dict:
     write_json(run.out / "eval.json", result)
     (run.out / "traces.md").write_text("# One held-out problem per method\n\n" + "\n".join(traces))
     print("\n" + format_table(methods) + "\n")
-    if "sft" in methods and "hrpo" in methods:
+    if "sft" in methods and "hrpo" in methods and methods["sft"]["residual_tokens"] > 0:
         s, h = methods["sft"], methods["hrpo"]
-        cut = 1 - h["residual_tokens"] / max(s["residual_tokens"], 1e-9)
+        cut = 1 - h["residual_tokens"] / s["residual_tokens"]
         print(f"HRPO vs SFT: accuracy {h['accuracy'] - s['accuracy']:+.3f}, residual tokens "
               f"{-cut:+.0%}, skip rate on irrelevant chunks {s['skip_rate_irrelevant']:.2f} → "
               f"{h['skip_rate_irrelevant']:.2f}")
