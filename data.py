@@ -402,7 +402,7 @@ def _synthetic_problem(key: str, n_chunks: tuple[int, int], max_value: int, irre
     final = f"The answer is {count}."
     # "Recap:" makes the full recap's first token the same for every problem, so that the SFT
     # model's most likely deep phase is the majority (full) one and the terse one stays the
-    # 20% alternative that sampling explores.
+    # minority alternative that sampling explores.
     full = " ".join(["Recap:"] + recap + [final])
     deep = final if rng.random() < terse else full
     question = f"How many {item[1]} do you have at the end?"
@@ -412,7 +412,7 @@ def _synthetic_problem(key: str, n_chunks: tuple[int, int], max_value: int, irre
 
 def make_synthetic(n: int, seed: int | str, *, n_chunks: tuple[int, int] = (4, 7),
                    max_value: int = 12, irrelevant: float = 0.4,
-                   terse: float = 0.2) -> list[Problem]:
+                   terse: float = 0.4) -> list[Problem]:
     """n synthetic counting problems; problem i depends only on (seed, i) and the options.
 
     n_chunks: inclusive range of the number of chunks; the first chunk ("You have 5 apples.") is

@@ -34,12 +34,11 @@ Design decisions
   the backward pass instead of being stored.
 * Optional k3 KL to a frozen reference model (``kl_beta``; 0 by default, and then no reference
   model exists at all).
-* [ours] λ = 0.25 by default. The streaming reward R^s knows nothing of the answer (it pays for
-  format and tokens only), and group normalisation turns even a one-token difference in
-  streaming length into a full-size advantage. With λ = 0.5 that local signal was as loud as
-  the global one, and on one of our three seeds the policy learned to shorten *relevant*
-  thoughts ("11." instead of "11 - 3 = 8.") until accuracy fell from 0.98 to 0.20; with
-  λ = 0.25 the global reward, which holds the accuracy, keeps the upper hand (same seed: 0.95).
+* [ours] λ = 0.25 by default: the phase rewards differ from the global one only in which costs
+  they count, and group normalisation makes a one-token difference in streaming length a
+  full-size advantage; a quarter of local signal was enough to teach skipping without letting
+  length differences outvote the answer (with λ = 0.5 one of our seeds shrank relevant thoughts
+  to "11." and lost most of its accuracy).
 """
 from __future__ import annotations
 

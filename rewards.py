@@ -22,6 +22,11 @@ Design decisions
 * [ours] The phase rewards charge each phase for its own latency: R^s pays for the streaming
   tokens that spill past the last arrival, R^d for the deep tokens; spill + deep = residual, so
   neither phase is blamed for the other's waiting time.
+* [ours] Both phase rewards carry the accuracy. method.md's R^s counts only format and tokens;
+  group normalisation then turns any difference in streaming length into a full-size advantage,
+  blind to *which* thoughts were dropped, and on one of our three seeds HRPO learned to skip the
+  chunks that matter (accuracy 0.985 → 0.15). The streaming phase builds the state the answer is
+  read from, so it shares the answer's credit.
 
 This module imports nothing from the project (it is the leaf of the import graph), so data.py can
 reuse the answer extraction for reference answers.
@@ -136,14 +141,15 @@ def score(ep: Episode, cfg: RewardConfig) -> Rewards:
     r_acc = 1 if valid and the boxed answer equals the reference else 0
     r_ada = -alpha * residual_tokens / T - beta * stream_tokens / T
     R     = r_acc + r_fmt + r_ada
-    R^s   = (0 if streaming phase valid else -1) - beta * stream_tokens / T - alpha * spill / T
+    R^s   = r_acc + (0 if streaming phase valid else -1) - beta * stream_tokens / T
+            - alpha * spill / T
     R^d   = r_acc + (0 if deep phase valid else -1) - alpha * deep_tokens / T
     """
     p, T = ep.parsed, cfg.budget
     fmt = 0.0 if p.valid else -1.0
     acc = 1.0 if p.valid and answers_match(p.answer, ep.problem.answer) else 0.0
     ada = -cfg.alpha * ep.residual_tokens / T - cfg.beta * ep.stream_tokens / T
-    stream = (0.0 if not p.stream_errors else -1.0) \
+    stream = acc + (0.0 if not p.stream_errors else -1.0) \
         - cfg.beta * ep.stream_tokens / T - cfg.alpha * ep.spill_tokens / T
     deep = acc + (0.0 if not p.deep_errors else -1.0) - cfg.alpha * ep.deep_tokens / T
     return Rewards(fmt=fmt, acc=acc, ada=ada, total=acc + fmt + ada, stream=stream, deep=deep)

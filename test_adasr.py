@@ -912,12 +912,12 @@ def test_rewards_hand_computed(tiny):
     resid = 5 + n_deep                                # spill 5 (see the clock test) + deep
     assert r == Rewards(fmt=0.0, acc=1.0, ada=pytest.approx(-0.3 * resid / 100 - 0.05 * 9 / 100),
                         total=pytest.approx(1 - 0.3 * resid / 100 - 0.05 * 9 / 100),
-                        stream=pytest.approx(-0.05 * 9 / 100 - 0.3 * 5 / 100),
+                        stream=pytest.approx(1 - 0.05 * 9 / 100 - 0.3 * 5 / 100),
                         deep=pytest.approx(1 - 0.3 * n_deep / 100))
     wrong = _hand_episode(clock, problem, [[x, pr.eot], [pr.eot], [pr.eot]],
                           [x, pr.eor] + tok.encode(r"\boxed{4}") + [pr.eoa])
     rw = score(wrong, cfg)
-    assert (rw.fmt, rw.acc) == (0.0, 0.0) and rw.deep < 0 < r.deep
+    assert (rw.fmt, rw.acc) == (0.0, 0.0) and rw.deep < 0 < r.deep and rw.stream < 0 < r.stream
     s = summarize([ep, wrong], [r, rw])
     assert s["accuracy"] == 0.5 and s["format_rate"] == 1.0 and s["n"] == 2
     assert math.isnan(s["skip_rate_irrelevant"])     # relevance unknown
