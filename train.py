@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--rl-steps", type=int, default=60)
     g.add_argument("--rl-batch", type=int, default=8, help="problems per step (all ranks)")
     g.add_argument("--group", type=int, default=8, help="G, rollouts per problem")
-    g.add_argument("--rl-lr", type=float, default=2e-4)
+    g.add_argument("--rl-lr", type=float, default=1e-4)
     g.add_argument("--lam", type=float, default=0.25, help="local/global balance λ of HRPO")
     g.add_argument("--eps-low", type=float, default=0.2)
     g.add_argument("--eps-high", type=float, default=0.28)
