@@ -133,6 +133,11 @@ class Episode:
                    if p and (phase is None or ph == phase) and (after is None or t > after))
 
     @property
+    def prompt_len(self) -> int:
+        """Tokens of observation block 0, prefilled at once; the model's first token follows it."""
+        return self.policy.index(True) if True in self.policy else len(self.tokens)
+
+    @property
     def stream_tokens(self) -> int:
         return self._count(STREAM)
 

@@ -64,9 +64,8 @@ def main() -> None:
     episodes = rollout(model, protocol, problems, group_size=G, budget=args.budget,
                        temperature=1.0, generator=torch.Generator().manual_seed(0))
     ours_s = time.perf_counter() - t
-    prompt_lens = [len(protocol.blocks(ep.problem, "stream")[0][0]) for ep in episodes]
     n_policy = sum(sum(ep.policy) for ep in episodes)
-    n_after_prompt = sum(len(ep.tokens) for ep in episodes) - sum(prompt_lens)
+    n_after_prompt = sum(len(ep.tokens) - ep.prompt_len for ep in episodes)
 
     # transformers on the same weights (through our checkpoint format), same rows, same prompts.
     with tempfile.TemporaryDirectory() as d:

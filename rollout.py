@@ -24,7 +24,7 @@ Design decisions
   once they make up a quarter of it. Compacting copies the whole cache, so doing it at every
   finished row would cost more than the few wasted row-steps it saves.
 * Log-probabilities are recorded under the sampling temperature with plain temperature sampling
-  (no top-k/top-p during RL), so they are exactly the ones the training forward computes: the
+  (the rollout offers no top-k/top-p), so they are exactly the ones the training forward computes: the
   first PPO ratio is exactly 1.
 """
 from __future__ import annotations
@@ -42,7 +42,6 @@ from model import sample
 @torch.inference_mode()
 def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: int = 1,
             layout: str = "stream", budget: int = 256, temperature: float = 1.0,
-            top_k: int | None = None, top_p: float | None = None,
             generator: torch.Generator | None = None,
             on_token: Callable[[Episode], None] | None = None) -> list[Episode]:
     """Roll out ``group_size`` samples of each problem; returns B*G finished episodes.
@@ -81,7 +80,7 @@ def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: i
     active = list(streams)              # the stream of each row of the cache, in cache order
     n_done = 0                          # finished rows still in the cache
     while active:
-        tokens, logps = sample(logits, temperature, top_k=top_k, top_p=top_p, generator=generator)
+        tokens, logps = sample(logits, temperature, generator=generator)
         feed = []
         for s, tok, logp in zip(active, tokens.tolist(), logps.tolist()):
             if s.done:                                      # waiting for compaction

@@ -374,8 +374,7 @@ class Run:
         update = rl_step(model, optimizer, episodes, rewards, args.group, hcfg,
                          micro_batch=args.micro_batch, ref_model=ref_model)
         n_policy = sum(sum(ep.policy) for ep in episodes)
-        n_all = sum(len(ep.tokens) for ep in episodes) - sum(
-            len(self.protocol.blocks(ep.problem, "stream")[0][0]) for ep in episodes)
+        n_all = sum(len(ep.tokens) - ep.prompt_len for ep in episodes)
         return {**summarize(episodes, rewards), **update,
                 "rollout_policy_tokens_per_s": n_policy / t_roll,
                 "rollout_tokens_per_s": n_all / t_roll,
