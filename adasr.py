@@ -1,29 +1,34 @@
-"""adasr.py — the AdaSR streaming protocol, in one place (and `python adasr.py`, streaming inference).
+"""adasr.py — the AdaSR streaming protocol, in one place.
 
 A problem arrives as a stream: first the question, then context chunks (sentences), each taking
 the time a person needs to say it. The model *thinks while reading*:
 
-    <instruction> Question: How many apples does Tom have at the end?<EOQ>     observation
-    Tom has 5 apples.<EOS>                                                     observation, chunk 0
-     Tom starts with 5.<EOT>                                                   policy, stream, chunk 0
-    It is a sunny day.<EOS>                                                    observation, chunk 1
-    <EOT>                                                                      policy: a *skip*
-    Tom buys 3 apples.<EOS>                                                    observation, chunk 2
-     5 + 3 = 8.<EOT>                                                           policy, stream, chunk 2
-    <EOI>                                                                      observation: stream ended
-     The answer is 8.<EOR> \\boxed{8}<EOA>                                     policy, deep phase
+    <instruction> Question: How many apples do you have at the end?<EOQ>     observation
+    You have 5 apples.<EOS>                                                  observation, chunk 0
+     You start with 5.<EOT>                                                  policy, stream, chunk 0
+    It is a sunny day.<EOS>                                                  observation, chunk 1
+    <EOT>                                                                    policy: a *skip*
+    You buy 3 apples.<EOS>                                                   observation, chunk 2
+     5 + 3 = 8.<EOT>                                                         policy, stream, chunk 2
+    <EOI>                                                                    observation: stream ended
+     The answer is 8.<EOR> \\boxed{8}<EOA>                                   policy, deep phase
 
 What this file owns
 -------------------
+* ``Problem`` — what the protocol streams: question, chunks, reference answer, and the gold
+  thoughts when a source knows them (data.py makes Problems; this file turns them into tokens).
 * The marker tokens and the instruction prompt.
+* Answers: the content of ``\\boxed{...}``, the normalisation that makes "1,000" equal "1000.0",
+  and whether an episode is *correct* — decided here, once, for rewards, traces and the CLI.
 * ``Episode`` — THE data structure of the project. The rollout fills it token by token, the gold
-  builder fills it from a dataset record, ``Protocol.finish`` parses and clocks it, rewards.py
-  scores it, hrpo.py turns a batch of them into tensors for the loss. Nothing else is passed
-  around.
+  builder fills it from a Problem, ``Protocol.finish`` parses it, rewards.py scores it, hrpo.py
+  turns a batch of them into tensors for the loss. Nothing else is passed around.
 * ``Protocol`` — how a problem becomes observation tokens (``blocks``), gold episodes for SFT in
-  both layouts, parsing an episode back into thoughts / skips / deep reasoning / answer, and the
-  latency clock of method.md §2.
-* ``python adasr.py`` — run a model on a stream and show it as it happens (see ``main``).
+  both layouts, parsing an episode back into thoughts / skips / deep reasoning / answer, the
+  latency clock of method.md §2, and rendering an episode as a readable trace.
+
+This module imports nothing from the project: it is the base that data.py, rewards.py,
+rollout.py, hrpo.py and train.py build on.
 
 Design decisions
 ----------------
@@ -41,20 +46,18 @@ Design decisions
   guesses that the input is over.
 * [ours] There is no thought on the question itself (StreamingThinker writes a restatement of the
   question there; its loader drops it).
-* The clock (method.md §2): chunk k arrives at a_k = words(chunks 0..k) / (wpm/60) seconds, the
-  question at 0; the model writes ``decode_tps`` tokens per second and starts on chunk k at
-  max(a_k, end of its previous thought). Residual latency = t(last token) − a_last; residual
-  tokens = policy tokens finished after a_last. Prefilling observations is taken as free.
+* The clock (method.md §2) runs as tokens are appended, so an Episode's latency figures are right
+  at every moment, also halfway through a rollout: chunk k arrives at a_k = words(chunks 0..k) /
+  (wpm/60) seconds, the question at 0; the model writes ``decode_tps`` tokens per second and
+  starts on chunk k at max(a_k, end of its previous thought). Residual latency = t(last token) −
+  a_last; residual tokens = policy tokens finished after a_last. Prefilling observations is taken
+  as free.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+import re
 from dataclasses import dataclass, field
-
-from data import Problem
-from rewards import answers_match, boxed_contents, extract_answer
+from fractions import Fraction
 
 MARKERS = ["<EOQ>", "<EOS>", "<EOT>", "<EOI>", "<EOR>", "<EOA>"]
 """End of question, end of sentence (chunk), end of thought, end of input (the stream is over),
@@ -66,6 +69,92 @@ LAYOUTS = ("stream", "read_then_think")
 INSTRUCTION = ("Read the problem as it arrives. After each sentence think briefly, or skip. "
                "When the input ends, reason and give the answer in \\boxed{}.")
 
+
+@dataclass
+class Problem:
+    """One streaming problem: the question arrives first, then the chunks one at a time.
+
+    The gold fields are None where the source does not know them (only the synthetic task knows
+    which chunks matter).
+    """
+
+    id: str
+    question: str  # the asking sentence; arrives first, before any chunk
+    chunks: list[str]  # context sentences in arrival order (no marker tokens inside)
+    answer: str  # reference answer as a plain string ("285", "0.5", "3/4")
+    relevant: list[bool] | None = None  # per chunk: does it matter for the answer (when known)
+    thoughts: list[str] | None = None  # gold streaming thought per chunk ("" = skip), when known
+    deep: str | None = None  # gold deep reasoning of the streaming layout (text before <EOR>)
+    rtt_deep: str | None = None  # gold read-then-think reasoning (all thinking after the stream)
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers: extraction, normalisation, correctness
+# ---------------------------------------------------------------------------------------------
+
+_BOX = re.compile(r"\\box(?:ed)?\s*\{")
+
+
+def boxed_contents(text: str) -> list[str]:
+    r"""Contents of every ``\boxed{...}`` / ``\box{...}`` in ``text``, braces balanced.
+
+    A box whose braces never close is ignored (it is not an answer).
+    >>> boxed_contents(r"so \boxed{\frac{1}{2}} and \box{3}")
+    ['\\frac{1}{2}', '3']
+    """
+    out = []
+    for m in _BOX.finditer(text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            out.append(text[m.end(): i - 1])
+    return out
+
+
+def extract_answer(text: str) -> str | None:
+    """The last boxed answer in ``text`` (models restate; the last one is the final word)."""
+    boxes = boxed_contents(text)
+    return boxes[-1].strip() if boxes else None
+
+
+_FRAC = re.compile(r"\\d?frac\{([^{}]*)\}\{([^{}]*)\}")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")
+
+
+def normalize_answer(s: str) -> str:
+    """Canonical string form of an answer, so that equal answers compare equal as strings.
+
+    Removes ``$``, ``%``, ``\\text{..}`` wrappers, thousands commas and surrounding words; a lone
+    number (integer, decimal or simple fraction, LaTeX ``\\frac`` included) becomes its exact
+    reduced value: "1,000.0" → "1000", "3/6" → "1/2", "\\frac{2}{4}" → "1/2", "$5 apples" → "5".
+    Text that holds no single number is compared lower-cased with spaces squeezed.
+    """
+    t = s.strip()
+    t = re.sub(r"\\text\{([^{}]*)\}", r"\1", t)
+    t = _FRAC.sub(r"\1/\2", t)
+    t = t.replace("$", "").replace("%", "").replace("\\!", "")
+    t = re.sub(r"(?<=\d),(?=\d{3}\b)", "", t)          # 1,000 -> 1000 (not "1, 2")
+    numbers = _NUMBER.findall(t)
+    if len(numbers) == 1:
+        num, _, den = numbers[0].partition("/")
+        try:
+            value = Fraction(num) / Fraction(den) if den else Fraction(num)
+        except ZeroDivisionError:
+            return numbers[0]
+        return str(value)                                 # Fraction prints "5", "1/2", "-7/4"
+    return " ".join(t.lower().split()).rstrip(".")
+
+
+def answers_match(predicted: str | None, reference: str) -> bool:
+    """True when the predicted answer equals the reference after normalisation."""
+    return predicted is not None and normalize_answer(predicted) == normalize_answer(reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# The episode
+# ---------------------------------------------------------------------------------------------
 
 @dataclass
 class Parsed:
@@ -95,7 +184,9 @@ class Parsed:
 class Episode:
     """One trajectory, token by token — the record that flows rollout → rewards → hrpo → loss.
 
-    Per token (all lists have the same length):
+    Made by ``Protocol.episode`` (which sets the clock: ``arrivals``, the second at which each
+    chunk has been spoken, and ``token_s``, the seconds the model takes per token) and grown with
+    ``append``. Per token (all lists have the same length):
       tokens:   token id (prompt, observations and policy tokens in sequence order).
       policy:   True where the model wrote the token (only these enter the loss).
       phase:    STREAM or DEEP (observations carry the phase in which they were fed).
@@ -103,31 +194,46 @@ class Episode:
                 deep phase.
       logprobs: log-probability of the token under the sampling policy at its temperature
                 (0.0 for observations and for gold tokens).
-    Set by ``Protocol.finish``: ``times`` (seconds at which each token was written / arrived),
-    ``arrivals`` (arrival second of each chunk) and ``parsed``.
+      times:    second at which the token arrived (observation) or was finished (policy token).
+    Every count and latency below is therefore right at every moment. ``parsed`` is set once the
+    episode is complete (``Protocol.finish``); ``correct`` needs it.
     """
     problem: Problem
     layout: str
+    arrivals: list[float]
+    token_s: float
     tokens: list[int] = field(default_factory=list)
     policy: list[bool] = field(default_factory=list)
     phase: list[int] = field(default_factory=list)
     chunk: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    truncated: bool = False
     times: list[float] = field(default_factory=list)
-    arrivals: list[float] = field(default_factory=list)
+    truncated: bool = False
     parsed: Parsed | None = None
+    _clock: float = field(default=0.0, init=False, repr=False)   # when the model is next free
 
     def append(self, ids: list[int], *, policy: bool, phase: int, chunk: int | list[int],
                logprobs: list[float] | None = None) -> None:
-        """Append tokens that share ``policy`` and ``phase``; ``chunk`` is one index or one per id."""
+        """Append tokens that share ``policy`` and ``phase``; ``chunk`` is one index or one per id.
+
+        The clock: an observation arrives when its chunk has been spoken (the question at 0,
+        <EOI> and the deep phase with the last chunk), and the model cannot start before it; each
+        policy token takes ``token_s`` seconds of the model's time."""
+        chunks = chunk if isinstance(chunk, list) else [chunk] * len(ids)
+        for c in chunks:
+            if policy:
+                self._clock += self.token_s
+                self.times.append(self._clock)
+            else:
+                arrival = 0.0 if c < 0 else self.arrivals[min(c, len(self.arrivals) - 1)]
+                self._clock = max(self._clock, arrival)
+                self.times.append(arrival)
         self.tokens += ids
         self.policy += [policy] * len(ids)
         self.phase += [phase] * len(ids)
-        self.chunk += chunk if isinstance(chunk, list) else [chunk] * len(ids)
+        self.chunk += chunks
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
 
-    # -- counts derived from the per-token lists and the clock ------------------------------
     def _count(self, phase: int | None = None, after: float | None = None) -> int:
         return sum(1 for p, ph, t in zip(self.policy, self.phase, self.times)
                    if p and (phase is None or ph == phase) and (after is None or t > after))
@@ -160,6 +266,19 @@ class Episode:
         """Seconds between the last chunk's arrival and the model's last token."""
         return max(0.0, self.times[-1] - self.arrivals[-1]) if self.times else 0.0
 
+    @property
+    def correct(self) -> bool:
+        """The one definition of a correct episode: it keeps the protocol and its boxed answer
+        equals the reference. Needs the parse (``Protocol.finish``)."""
+        if self.parsed is None:
+            raise RuntimeError(f"episode of problem {self.problem.id} is not finished: "
+                               "call Protocol.finish before asking whether it is correct")
+        return self.parsed.valid and answers_match(self.parsed.answer, self.problem.answer)
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol
+# ---------------------------------------------------------------------------------------------
 
 class Protocol:
     """Token-level protocol for one tokenizer and one clock.
@@ -169,7 +288,10 @@ class Protocol:
     ``decode_tps`` the model's writing speed (tokens per second) of the simulated clock.
     """
 
-    def __init__(self, tokenizer, wpm: float = 150.0, decode_tps: float = 20.0):
+    WPM = 150.0            # the defaults of the clock, for every program that offers the options
+    DECODE_TPS = 20.0
+
+    def __init__(self, tokenizer, wpm: float = WPM, decode_tps: float = DECODE_TPS):
         self.tok, self.wpm, self.decode_tps = tokenizer, wpm, decode_tps
         self.eoq, self.eos, self.eot, self.eoi, self.eor, self.eoa = \
             (tokenizer.token_id(m) for m in MARKERS)
@@ -179,6 +301,21 @@ class Protocol:
     # -- from problem to tokens --------------------------------------------------------------
     def text(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
+
+    def arrivals(self, problem: Problem) -> list[float]:
+        """Second at which each chunk has been fully spoken: words so far / (wpm / 60).
+        A problem without chunks (a one-sentence question) has its "last arrival" at 0."""
+        words, out = 0, []
+        for c in problem.chunks:
+            words += len(c.split())
+            out.append(words * 60.0 / self.wpm)
+        return out or [0.0]
+
+    def episode(self, problem: Problem, layout: str) -> Episode:
+        """An empty episode of ``problem`` with this protocol's clock."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        return Episode(problem, layout, self.arrivals(problem), 1.0 / self.decode_tps)
 
     def blocks(self, problem: Problem, layout: str) -> list[tuple[list[int], list[int]]]:
         """The observation blocks of a problem: a list of (token ids, chunk index per token).
@@ -211,12 +348,16 @@ class Protocol:
                 + self.tok.encode(f" \\boxed{{{answer}}}") + [self.eoa])
 
     def gold(self, problem: Problem, layout: str) -> Episode:
-        """The gold trajectory of a problem in a layout (for SFT), finished (parsed + clocked).
+        """The gold trajectory of a problem in a layout (for SFT), finished (parsed).
 
-        Streaming layout: the record's thoughts (a skip for each chunk when it has none, e.g.
-        GSM8K) and deep reasoning. Read-then-think: all thinking (``rtt_deep``) after the stream.
+        Streaming layout: the record's thoughts (a skip for each chunk when it has none) and deep
+        reasoning. Read-then-think: all thinking (``rtt_deep``) after the stream.
         """
-        ep = Episode(problem, layout)
+        reasoning = problem.deep if layout == "stream" else problem.rtt_deep
+        if reasoning is None:
+            raise ValueError(f"problem {problem.id}: no gold {'deep' if layout == 'stream' else 'rtt_deep'}"
+                             f" reasoning for the {layout} layout")
+        ep = self.episode(problem, layout)
         blocks = self.blocks(problem, layout)
         thoughts = problem.thoughts or [""] * len(problem.chunks)
         for j, (ids, chunks) in enumerate(blocks):
@@ -224,19 +365,14 @@ class Protocol:
                       chunk=chunks)
             if j < len(blocks) - 1:
                 ep.append(self.thought_ids(thoughts[j]), policy=True, phase=STREAM, chunk=j)
-        reasoning = problem.deep if layout == "stream" else problem.rtt_deep
-        if reasoning is None:
-            raise ValueError(f"problem {problem.id}: no gold {'deep' if layout == 'stream' else 'rtt_deep'}"
-                             f" reasoning for the {layout} layout")
         ep.append(self.deep_ids(reasoning, problem.answer), policy=True, phase=DEEP,
                   chunk=len(problem.chunks))
         return self.finish(ep)
 
     # -- from tokens back to meaning ----------------------------------------------------------
     def finish(self, ep: Episode) -> Episode:
-        """Parse and clock a complete episode (in place); returns it for chaining."""
+        """Parse a complete episode (in place); returns it for chaining."""
         ep.parsed = self.parse(ep)
-        ep.arrivals, ep.times = self.clock(ep)
         return ep
 
     def parse(self, ep: Episode) -> Parsed:
@@ -286,37 +422,6 @@ class Protocol:
             answer = extract_answer(answer_text)
         return Parsed(thoughts, reasoning, answer, stream_errors, deep_errors)
 
-    def arrivals(self, problem: Problem) -> list[float]:
-        """Second at which each chunk has been fully spoken: words so far / (wpm / 60).
-        A problem without chunks (a one-sentence question) has its "last arrival" at 0."""
-        words, out = 0, []
-        for c in problem.chunks:
-            words += len(c.split())
-            out.append(words * 60.0 / self.wpm)
-        return out or [0.0]
-
-    def clock(self, ep: Episode) -> tuple[list[float], list[float]]:
-        """The simulated latency clock (method.md §2).
-
-        Returns (arrivals, times): arrivals[k] is when chunk k has been fully spoken; times[i] is
-        when token i arrived (observation) or was finished (policy token). The model starts on a
-        chunk when both the chunk has arrived and its previous thought is done; each policy
-        token takes 1/decode_tps seconds.
-        """
-        arrivals = self.arrivals(ep.problem)
-        arrive = arrivals + [arrivals[-1]]          # index K: <EOI> and the deep phase
-        t, times = 0.0, []
-        for pol, ch in zip(ep.policy, ep.chunk):
-            if pol:
-                t += 1.0 / self.decode_tps
-                times.append(t)
-            else:
-                a = 0.0 if ch < 0 else arrive[ch]
-                t = max(t, a)
-                times.append(a)
-        return arrivals, times
-
-
     # -- showing an episode --------------------------------------------------------------------
     def chunk_line(self, problem: Problem, k: int) -> str:
         return f"[{self.arrivals(problem)[k]:6.1f}s] {problem.chunks[k]}"
@@ -329,8 +434,7 @@ class Protocol:
     def ending_lines(self, ep: Episode) -> list[str]:
         """End of input, deep reasoning, answer and verdict of a finished episode."""
         p, ref = ep.parsed, ep.problem.answer
-        verdict = "" if not ref else ("  ✓ correct" if p.valid and answers_match(p.answer, ref)
-                                      else f"  ✗ (reference {ref})")
+        verdict = "" if not ref else ("  ✓ correct" if ep.correct else f"  ✗ (reference {ref})")
         end = f"[{ep.arrivals[-1]:6.1f}s] <end of input>" if self.eoi in ep.tokens else \
             "          (stopped before the end of the input)"
         return [end,
@@ -356,91 +460,3 @@ def add_markers(model, tokenizer) -> None:
     tokenizer.add_special_tokens(MARKERS)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         model.resize_vocab(tokenizer.vocab_size)
-
-
-# ---------------------------------------------------------------------------------------------
-# Streaming inference from the command line
-# ---------------------------------------------------------------------------------------------
-
-def episode_record(ep: Episode) -> dict:
-    """One machine-readable record of a finished episode (``python adasr.py --json``)."""
-    p, ref = ep.parsed, ep.problem.answer
-    return {"id": ep.problem.id, "question": ep.problem.question, "chunks": ep.problem.chunks,
-            "thoughts": p.thoughts, "skips": p.skips, "deep": p.deep, "answer": p.answer,
-            "reference": ref or None,
-            "correct": (p.valid and answers_match(p.answer, ref)) if ref else None,
-            "format_valid": p.valid, "format_errors": p.stream_errors + p.deep_errors,
-            "stream_tokens": ep.stream_tokens, "deep_tokens": ep.deep_tokens,
-            "residual_tokens": ep.residual_tokens, "residual_s": round(ep.residual_s, 3),
-            "truncated": ep.truncated}
-
-
-class LiveView:
-    """Prints episodes while they are rolled out (``rollout(..., on_token=LiveView(protocol))``):
-    the question, each chunk once it has been fed, each thought (or skip) once the model closes it
-    with <EOT>, and the ending when the episode stops."""
-
-    def __init__(self, protocol: Protocol):
-        self.protocol = protocol
-        self.shown: dict[int, int] = {}        # id(episode) -> chunks printed (-1: not even the question)
-
-    def __call__(self, ep: Episode) -> None:
-        pr, last = self.protocol, ep.tokens[-1]
-        shown = self.shown.setdefault(id(ep), -1)
-        if shown < 0:
-            print(f"Question: {ep.problem.question}", flush=True)
-        fed = sum(1 for t, pol in zip(ep.tokens, ep.policy) if not pol and t == pr.eos)
-        for k in range(max(shown, 0), fed):
-            print(pr.chunk_line(ep.problem, k), flush=True)
-        self.shown[id(ep)] = fed
-        if ep.parsed is not None:
-            print("\n".join(pr.ending_lines(ep)) + "\n", flush=True)
-        elif ep.policy[-1] and ep.phase[-1] == STREAM and last == pr.eot:
-            k = ep.chunk[-1]
-            ids = [t for t, pol, c in zip(ep.tokens, ep.policy, ep.chunk) if pol and c == k]
-            print(pr.thought_line(pr.text(ids[:-1]).strip()), flush=True)
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Run a model on a stream and show it as it happens.")
-    ap.add_argument("--model", required=True, help="checkpoint directory, .gguf file or 'smollm2'")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--problem", help="free text; the asking sentence becomes the question")
-    src.add_argument("--data", help="StreamingThinker JSON or GSM8K JSONL file")
-    ap.add_argument("--limit", type=int, default=None, help="first N problems of --data")
-    ap.add_argument("--layout", default="stream", choices=LAYOUTS)
-    ap.add_argument("--wpm", type=float, default=150.0, help="words per minute of the stream")
-    ap.add_argument("--decode-tps", type=float, default=20.0, help="model tokens per second")
-    ap.add_argument("--budget", type=int, default=256, help="policy tokens per problem")
-    temp = ap.add_mutually_exclusive_group()
-    temp.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
-    temp.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json", action="store_true", help="one JSON record per problem")
-    args = ap.parse_args(argv)
-
-    import torch
-    from data import load_problems, split_question
-    from model import load_pretrained
-    from rollout import rollout
-
-    if args.problem:
-        question, chunks = split_question(args.problem)
-        problems = [Problem(id="cli", question=question, chunks=chunks, answer="")]
-    else:
-        problems = load_problems(args.data)[:args.limit]
-    model, tok = load_pretrained(args.model, device=args.device)
-    add_markers(model, tok)
-    protocol = Protocol(tok, wpm=args.wpm, decode_tps=args.decode_tps)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    for problem in problems:
-        [ep] = rollout(model, protocol, [problem], layout=args.layout, budget=args.budget,
-                       temperature=0.0 if args.greedy else args.temperature, generator=gen,
-                       on_token=None if args.json else LiveView(protocol))
-        if args.json:
-            print(json.dumps(episode_record(ep)), flush=True)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

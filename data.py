@@ -1,4 +1,5 @@
-"""Problems for streaming reasoning: the Problem record, the file loaders and the synthetic task.
+"""Problems for streaming reasoning: the file loaders and the synthetic task (the Problem record
+itself is the protocol's, in adasr.py).
 
 This file owns *what* the model reads and what the gold trajectories say. How a problem becomes a
 token sequence (marker tokens, the interleaved stream, the read-then-think layout) belongs to
@@ -42,29 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from rewards import extract_answer
+from adasr import Problem, extract_answer
+from model import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data. The message says where (FILE:LINE or FILE: record I) and which field."""
-
-
-@dataclass
-class Problem:
-    """One streaming problem: the question arrives first, then the chunks one at a time.
-
-    The gold fields are None where the source does not know them (GSM8K has no per-chunk
-    thoughts, only the synthetic task knows which chunks matter).
-    """
-
-    id: str
-    question: str  # the asking sentence; arrives first, before any chunk
-    chunks: list[str]  # context sentences in arrival order (no marker tokens inside)
-    answer: str  # reference answer as a plain string ("285", "0.5", "3/4")
-    relevant: list[bool] | None = None  # per chunk: does it matter for the answer (when known)
-    thoughts: list[str] | None = None  # gold streaming thought per chunk ("" = skip), when known
-    deep: str | None = None  # gold deep reasoning of the streaming layout (text before <EOR>)
-    rtt_deep: str | None = None  # gold read-then-think reasoning (all thinking after the stream)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +202,7 @@ def _split_marked(text: str, marker: str) -> list[str]:
 
 def _unbox(record: _Record, text: str) -> str:
     """The content of the last \\boxed{...} / \\box{...} in text (braces may nest), or the whole
-    text when it is plain. Uses the same extraction as the accuracy reward (rewards.py)."""
+    text when it is plain. Uses the protocol's extraction (adasr.py), as the accuracy reward does."""
     if "\\box" not in text:
         return text.strip()
     content = extract_answer(text)
@@ -328,33 +312,47 @@ def load_problems(path: str | Path, *, skip_bad: bool = False) -> list[Problem]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The synthetic streaming task
+# The synthetic streaming tasks
 #
-# Track your count of one item through a stream of one-sentence events told in the second
-# person ("You buy 3 apples."); other people's events and filler sentences do not matter. A small
-# fixed vocabulary and a handful of sentence shapes keep the BPE vocabulary tiny and the task
-# learnable by a ~1M-parameter model.
+# A stream of one-sentence events about people's counts of items ("You buy 3 apples.", "Ann
+# loses 2 pens.", "It starts to rain."). Only some chunks matter for the question; the others are
+# other people's events, other items, or filler. A small fixed vocabulary and a handful of
+# sentence shapes keep the BPE vocabulary tiny and the tasks learnable on a CPU.
 #
-# [ours] The target is "you", not a named person. With a named target ("How many apples does Tom
-# have?") the model must match each chunk's name against the question's; our ~1M-parameter model
-# did not learn that binding within the default job's CPU budget (measured: after 800 SFT steps
-# half of the other people's events were still treated as relevant). With "you", whether a chunk
-# matters is visible in the chunk, and the run's minutes go to what AdaSR is about: when to think.
+#   you    Track your count of one item ("How many pens do you have at the end?"). The default.
+#          [ours] The target is "you", not a named person: a ~1M-parameter model did not learn,
+#          within the default job's CPU budget, to match each chunk's name against the
+#          question's (README, "Things we measured"). With "you", whether a chunk matters is
+#          visible in the chunk, and the minutes go to what AdaSR is about: when to think.
+#   named  Track a named person's count of one item among several people and items ("How many
+#          pens does Ann have at the end?"): whether a chunk matters depends on the question.
+#          For pretrained models (the smollm2 preset), which bind names as they read.
+#   pair   Track your counts of two items over 8-12 chunks with counts up to 20, then answer
+#          "How many more pens than apples do you have at the end?". Thinking on the relevant
+#          chunks carries the state the answer needs (recomputing a long stream at the end is
+#          slow and error-prone), and the deep phase has necessary work of its own (the
+#          difference), so a rollout can be good in one phase and bad in the other — the case
+#          phase-wise advantages (HRPO) are for.
 
 NAMES = ("Tom", "Ann", "Ben", "Eva", "Sam", "Mia", "Leo", "Zoe")     # the other people
 ITEMS = (("apple", "apples"), ("pear", "pears"), ("pen", "pens"),
          ("card", "cards"), ("book", "books"), ("coin", "coins"))
-MAX_DELTA = 4  # events move 1..MAX_DELTA items: small numbers keep the arithmetic learnable
 # Event verb -> (sign of the change for its subject, past tense used in the recap).
 VERBS = {"buy": (1, "bought"), "find": (1, "found"), "lose": (-1, "lost"), "give": (-1, "gave")}
 # Sentences that change nobody's count.
 FILLERS = ("It is a sunny day.", "It starts to rain.", "The shop is busy.",
            "{name} walks to the park.", "{name} sings a song.")
+TASKS = {"you": "your count of one item",
+         "named": "a named person's count of one item among several people and items",
+         "pair": "your counts of two items over 8-12 chunks, answer their difference"}
+# Per task: chunks per problem (inclusive range), largest count, largest change of one event.
+_TASK_SIZES = {"you": ((4, 7), 12, 4), "named": ((4, 7), 12, 4), "pair": ((8, 12), 20, 5)}
 
 
 def _event(rng: random.Random, subject: str, verb: str, k: int, item: tuple[str, str]) -> str:
     """One event sentence: "You give 4 apples to Ann.", "Ann buys 1 apple." (a gift always goes
-    to another person, so that only your own events change your count)."""
+    to another person, never to the subject or to a named target: only the target's own events
+    change the target's count)."""
     what = f"{k} {item[0] if k == 1 else item[1]}"
     form = verb if subject == "You" else {"have": "has"}.get(verb, verb + "s")
     if verb == "give":
@@ -362,42 +360,39 @@ def _event(rng: random.Random, subject: str, verb: str, k: int, item: tuple[str,
     return f"{subject} {form} {what}."
 
 
-def _distractor(rng: random.Random, item: tuple[str, str]) -> str:
-    """An irrelevant chunk: another person's event with your item (two thirds), or a filler."""
-    if rng.randrange(3) == 2:
-        return rng.choice(FILLERS).format(name=rng.choice(NAMES))
-    verb = rng.choice(("have", *VERBS))
-    return _event(rng, rng.choice(NAMES), verb, rng.randint(1, MAX_DELTA), item)
+def _change(rng: random.Random, count: int, max_value: int, max_delta: int) -> tuple[str, int]:
+    """A relevant event's (verb, k) that keeps the count within [0, max_value]: never take more
+    than is held."""
+    verb = rng.choice([v for v, (sign, _) in VERBS.items()
+                       if (count < max_value if sign > 0 else count > 0)])
+    sign = VERBS[verb][0]
+    return verb, rng.randint(1, min(max_delta, max_value - count if sign > 0 else count))
 
 
-def _synthetic_problem(key: str, n_chunks: tuple[int, int], max_value: int, irrelevant: float,
-                       terse: float) -> Problem:
-    """The synthetic problem for one key ("SEED/I"), drawn from random.Random(key) alone."""
-    rng = random.Random(key)
-    item = rng.choice(ITEMS)
+def _track(rng, key, target, item, others, n_chunks, max_value, max_delta, irrelevant, terse):
+    """A one-count problem (tasks you, named): ``target`` ("You" or a name) starts with some
+    ``item``s; each later chunk is a relevant event of the target's, or (probability
+    ``irrelevant``) a distractor drawn by ``others(rng)``."""
     count = rng.randint(1, max_value)
-    chunks = [_event(rng, "You", "have", count, item)]
+    chunks = [_event(rng, target, "have", count, item)]
     relevant = [True]
-    thoughts = [f"You start with {count}."]  # the running count is always written last
-    recap = [f"You started with {count}."]
+    thoughts = [f"{target} start{'s' if target != 'You' else ''} with {count}."]
+    recap = [f"{target} started with {count}."]
     for _ in range(rng.randint(*n_chunks) - 1):
         if rng.random() < irrelevant:
-            chunks.append(_distractor(rng, item))
+            chunks.append(others(rng))
             relevant.append(False)
             # Drawn even when terse is 0 or 1, so that terse changes thoughts, never problems.
             skip = rng.random() < terse
             thoughts.append("" if skip else f"No change, still {count}.")
             continue
-        # A relevant event keeps the count within [0, max_value]: never take more than is held.
-        verb = rng.choice([v for v, (sign, _) in VERBS.items()
-                           if (count < max_value if sign > 0 else count > 0)])
+        verb, k = _change(rng, count, max_value, max_delta)
         sign, past = VERBS[verb]
-        k = rng.randint(1, min(MAX_DELTA, max_value - count if sign > 0 else count))
         step = f"{count} {'+' if sign > 0 else '-'} {k} = {count + sign * k}."
-        chunks.append(_event(rng, "You", verb, k, item))
+        chunks.append(_event(rng, target, verb, k, item))
         relevant.append(True)
         thoughts.append(step)
-        recap.append(f"You {past} {k}, so {step}")
+        recap.append(f"{target} {past} {k}, so {step}")
         count += sign * k
     final = f"The answer is {count}."
     # "Recap:" makes the full recap's first token the same for every problem, so that the SFT
@@ -405,23 +400,90 @@ def _synthetic_problem(key: str, n_chunks: tuple[int, int], max_value: int, irre
     # minority alternative that sampling explores.
     full = " ".join(["Recap:"] + recap + [final])
     deep = final if rng.random() < terse else full
-    question = f"How many {item[1]} do you have at the end?"
+    question = (f"How many {item[1]} do you have at the end?" if target == "You" else
+                f"How many {item[1]} does {target} have at the end?")
     return Problem(id=f"synthetic/{key}", question=question, chunks=chunks, answer=str(count),
                    relevant=relevant, thoughts=thoughts, deep=deep, rtt_deep=full)
 
 
-def make_synthetic(n: int, seed: int | str, *, n_chunks: tuple[int, int] = (4, 7),
-                   max_value: int = 12, irrelevant: float = 0.4,
-                   terse: float = 0.4) -> list[Problem]:
-    """n synthetic counting problems; problem i depends only on (seed, i) and the options.
+def _you(rng, key, sizes, irrelevant, terse) -> Problem:
+    item = rng.choice(ITEMS)
 
-    n_chunks: inclusive range of the number of chunks; the first chunk ("You have 5 apples.") is
-        always relevant, each later chunk is an event.
-    max_value: counts stay within [0, max_value].
-    irrelevant: probability that an event (a chunk after the first) does not matter; the share
-        among all chunks is a little lower, since the first chunk always matters.
+    def others(rng):          # another person's event with your item (two thirds), or a filler
+        if rng.randrange(3) == 2:
+            return rng.choice(FILLERS).format(name=rng.choice(NAMES))
+        verb = rng.choice(("have", *VERBS))
+        return _event(rng, rng.choice(NAMES), verb, rng.randint(1, sizes[2]), item)
+    return _track(rng, key, "You", item, others, *sizes, irrelevant, terse)
+
+
+def _named(rng, key, sizes, irrelevant, terse) -> Problem:
+    target, item = rng.choice(NAMES), rng.choice(ITEMS)
+    people = [n for n in NAMES if n != target]
+
+    def others(rng):          # someone else with the item, the target with another item, filler
+        kind = rng.randrange(3)
+        if kind == 2:
+            return rng.choice(FILLERS).format(name=rng.choice(people))
+        who, what = (rng.choice(people), item) if kind == 0 else \
+            (target, rng.choice([i for i in ITEMS if i != item]))
+        return _event(rng, who, rng.choice(("have", *VERBS)), rng.randint(1, sizes[2]), what)
+    return _track(rng, key, target, item, others, *sizes, irrelevant, terse)
+
+
+def _pair(rng, key, sizes, irrelevant, terse) -> Problem:
+    """Two items a, b: "You have 7 pens." "You have 12 apples." then events on either; the
+    question asks for the difference of the final counts, larger minus smaller."""
+    (lo, hi), max_value, max_delta = sizes
+    items = rng.sample(ITEMS, 2)
+    counts = [rng.randint(1, max_value) for _ in items]
+    chunks = [_event(rng, "You", "have", c, it) for c, it in zip(counts, items)]
+    relevant = [True, True]
+    thoughts = [f"You start with {c} {it[1]}." for c, it in zip(counts, items)]
+    steps: list[list[str]] = [[], []]                  # per item, its arithmetic in order
+    for _ in range(rng.randint(lo, hi) - 2):
+        if rng.random() < irrelevant:
+            if rng.randrange(3) == 2:
+                chunks.append(rng.choice(FILLERS).format(name=rng.choice(NAMES)))
+            else:
+                chunks.append(_event(rng, rng.choice(NAMES), rng.choice(("have", *VERBS)),
+                                     rng.randint(1, max_delta), rng.choice(items)))
+            relevant.append(False)
+            thoughts.append("" if rng.random() < terse else "No change.")
+            continue
+        i = rng.randrange(2)
+        verb, k = _change(rng, counts[i], max_value, max_delta)
+        sign = VERBS[verb][0]
+        step = f"{counts[i]} {'+' if sign > 0 else '-'} {k} = {counts[i] + sign * k}"
+        chunks.append(_event(rng, "You", verb, k, items[i]))
+        relevant.append(True)
+        thoughts.append(f"{step} {items[i][1]}.")
+        steps[i].append(step)
+        counts[i] += sign * k
+    a, b = (0, 1) if counts[0] >= counts[1] else (1, 0)
+    answer = counts[a] - counts[b]
+    combine = f"{counts[a]} - {counts[b]} = {answer}. The answer is {answer}."
+    recap = " ".join(f"{it[1].capitalize()}: start {start}" + "".join(f", {st}" for st in sts) + "."
+                     for it, start, sts in zip(items, [int(c.split()[2]) for c in chunks[:2]], steps))
+    full = f"Recap: {recap} {combine}"
+    deep = combine if rng.random() < terse else full
+    question = f"How many more {items[a][1]} than {items[b][1]} do you have at the end?"
+    return Problem(id=f"synthetic/{key}", question=question, chunks=chunks, answer=str(answer),
+                   relevant=relevant, thoughts=thoughts, deep=deep, rtt_deep=full)
+
+
+_TASK_MAKERS = {"you": _you, "named": _named, "pair": _pair}
+
+
+def make_synthetic(n: int, seed: int | str, *, task: str = "you", irrelevant: float = 0.4,
+                   terse: float = 0.4) -> list[Problem]:
+    """n synthetic problems of ``task`` (TASKS); problem i depends only on (seed, i) and the
+    options.
+
+    irrelevant: probability that an event (a chunk after the opening counts) does not matter.
     terse: probability, drawn independently per irrelevant chunk, that its gold thought is ""
-        (skip), and per problem that the gold deep reasoning is just "The answer is N.".
+        (skip), and per problem that the gold deep reasoning is only what the answer needs
+        ("The answer is N.", or the difference for pair) instead of a full recap.
 
     Example, make_synthetic(1, 0)[0]:
         question  "How many pens do you have at the end?"
@@ -435,14 +497,15 @@ def make_synthetic(n: int, seed: int | str, *, n_chunks: tuple[int, int] = (4, 7
         rtt_deep  the same full recap (rtt_deep is never terse)
         answer    "4"
     """
-    if not 1 <= n_chunks[0] <= n_chunks[1]:
-        raise ValueError(f"n_chunks must be (lo, hi) with 1 <= lo <= hi, got {n_chunks}")
-    if max_value < 1:
-        raise ValueError(f"max_value must be at least 1, got {max_value}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     if not (0 <= irrelevant <= 1 and 0 <= terse <= 1):
         raise ValueError(f"irrelevant and terse are probabilities, got {irrelevant}, {terse}")
-    return [_synthetic_problem(f"{seed}/{i}", n_chunks, max_value, irrelevant, terse)
-            for i in range(n)]
+    # The task's name is not part of the key for "you", so that its problems stay those of
+    # every earlier version of this file.
+    prefix = "" if task == "you" else f"{task}/"
+    return [_TASK_MAKERS[task](random.Random(f"{prefix}{seed}/{i}"), f"{prefix}{seed}/{i}",
+                               _TASK_SIZES[task], irrelevant, terse) for i in range(n)]
 
 
 def synthetic_splits(n_train: int, n_test: int, seed: int,

@@ -1,4 +1,4 @@
-"""hrpo.py — Hierarchical Relative Policy Optimisation: advantages, the clipped loss, one RL step.
+"""hrpo.py — Hierarchical Relative Policy Optimisation: advantages, the clipped loss, the updates.
 
 The whole algorithm, for a group of G rollouts of one problem (method.md §4):
 
@@ -9,36 +9,46 @@ The whole algorithm, for a group of G rollouts of one problem (method.md §4):
     A_{i,t} = λ·Â^d_i + (1−λ)·Â^g_i                 for policy tokens of the deep phase
     loss = −1/N Σ_{i,t} min(ρ_{i,t} A_{i,t}, clip(ρ_{i,t}, 1−ε_low, 1+ε_high) A_{i,t})
 
-with ρ the token-level ratio π_θ/π_old under the sampling temperature and N the number of policy
-tokens of the whole optimiser step. λ = 0 is exactly GRPO: every token of a rollout gets its
-sequence-level advantage. With λ > 0 a rollout that thought wisely while reading but then botched
-the answer gets credit for its streaming tokens and blame for its deep tokens, instead of one
-verdict for both.
+with ρ = π_θ/π_old the token-level ratio under the sampling temperature (π_old: the policy that
+rolled out) and N the number of policy tokens of the optimiser step. λ = 0 is exactly GRPO: every
+token of a rollout gets its sequence-level advantage. With λ > 0 a rollout that thought wisely
+while reading but then botched the answer gets credit for its streaming tokens and blame for its
+deep tokens, instead of one verdict for both.
 
-What this file owns: the advantages (``advantages``), turning episodes into padded tensors
-(``collate``), log-probabilities of policy tokens under the current model (``policy_logprobs``),
-the clipped loss (``clipped_loss``), one RL optimiser step with its metrics (``rl_step``), and the
-SFT step (``sft_step``) that shares the same machinery.
+One rollout batch → several optimiser steps (DAPO / verl's ``ppo_mini_batch_size``): the batch's
+groups are split into ``mini_batches`` mini-batches of whole groups, each one optimiser step, in
+order, for ``epochs`` passes, all with π_old = the rollout's log-probs and the advantages computed
+once. The first update has ρ = 1 exactly; from the second on the policy has moved and the clip
+acts. That is also where the sample efficiency comes from: a rollout is the expensive part.
+
+What this file owns: the advantages (``advantages``, ``group_signal``), turning episodes into
+padded tensors (``collate``), log-probabilities of policy tokens under the current model
+(``policy_logprobs``), the clipped loss (``clipped_loss``), the RL update of one rollout batch
+with its metrics (``rl_update``), and the SFT step (``sft_step``) that shares the same machinery.
 
 Design decisions
 ----------------
 * std is the population std of the group (G samples are the whole population we normalise).
   A group whose rewards are all equal (std below ε) has exactly zero advantage; such groups carry
-  no signal and are dropped before the forward pass (DAPO's dynamic sampling, without resampling).
-* The token mean is over all policy tokens of the optimiser step, counted *before* splitting into
-  micro-batches; each micro-batch's loss is its token sum divided by that count, so gradient
-  accumulation gives exactly the full-batch gradient, whatever the micro-batch size.
+  no signal and are dropped before the forward pass (train.py refills the batch: DAPO's dynamic
+  sampling).
+* The token mean is per optimiser step: each mini-batch's loss is its token sum divided by the
+  number of policy tokens *of that mini-batch* (over all data-parallel ranks), counted before it
+  is split into micro-batches. So every update has the same scale whatever M is, a long rollout
+  weighs each of its tokens like a short one (DAPO's token-level mean), and gradient accumulation
+  over micro-batches gives exactly the mini-batch's gradient, whatever the micro-batch size.
 * Memory: the vocabulary projection is the big tensor ((tokens × vocab) floats, 49k wide for
-  SmolLM2). Log-probs are computed only at policy positions, in chunks of rows of hidden states,
-  each chunk under activation checkpointing so that its (chunk × vocab) logits are recomputed in
-  the backward pass instead of being stored.
+  SmolLM2). Log-probs are computed only at policy positions, and when those positions' logits
+  would be large they are computed in chunks, each under activation checkpointing, so that the
+  (tokens × vocab) matrix is never stored for the backward pass. A small vocabulary (the tiny
+  model's 384) takes one plain pass: recomputing it would only cost time.
 * Optional k3 KL to a frozen reference model (``kl_beta``; 0 by default, and then no reference
-  model exists at all).
+  model exists at all). Not to be confused with the logged ``kl_rollout``, the k3 estimate of
+  KL(π_old ‖ π_θ) — how far the updates moved the policy from the one that rolled out.
 * [ours] λ = 0.25 by default: the phase rewards differ from the global one only in which costs
   they count, and group normalisation makes a one-token difference in streaming length a
-  full-size advantage; a quarter of local signal was enough to teach skipping without letting
-  length differences outvote the answer (with λ = 0.5 one of our seeds shrank relevant thoughts
-  to "11." and lost most of its accuracy).
+  full-size advantage; a quarter of local signal teaches skipping without letting length
+  differences outvote the answer (README, "Things we measured").
 """
 from __future__ import annotations
 
@@ -49,18 +59,21 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from adasr import DEEP, Episode
-from model import token_logprobs
+from model import log_probs
 from rewards import Rewards
 
 
 @dataclass(frozen=True)
 class HRPOConfig:
-    """Knobs of the HRPO update. ``lam`` = 0 is GRPO."""
+    """Knobs of the HRPO update; the defaults are every program's defaults. ``lam`` = 0 is GRPO.
+    ``mini_batches`` optimiser steps per rollout batch, ``epochs`` passes over them."""
     lam: float = 0.25
     eps_low: float = 0.2
     eps_high: float = 0.28
     kl_beta: float = 0.0
     temperature: float = 1.0
+    mini_batches: int = 1
+    epochs: int = 1
     std_eps: float = 1e-4
 
 
@@ -74,6 +87,8 @@ def group_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     A group whose std is below ``eps`` gets exactly zero: its rewards are equal up to rounding
     (0.2 + 0.2 + 0.2 is not 3 × 0.2 in floating point), and dividing that rounding noise by a tiny
     std would turn it into a full-size advantage."""
+    if x.numel() == 0:                  # no group at all (a rank with nothing to train on)
+        return x
     std = x.std(1, unbiased=False, keepdim=True)
     return torch.where(std > eps, (x - x.mean(1, keepdim=True)) / (std + eps), 0.0)
 
@@ -94,6 +109,11 @@ def advantages(rewards: list[Rewards], group_size: int, lam: float, eps: float =
     a_stream = lam * s + (1 - lam) * g
     a_deep = lam * d + (1 - lam) * g
     return a_stream.flatten().float(), a_deep.flatten().float()
+
+
+def group_signal(a_stream: torch.Tensor, a_deep: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B*G,) advantages → (B,) bool: does the group carry any signal (a non-zero advantage)?"""
+    return ((a_stream != 0) | (a_deep != 0)).view(-1, group_size).any(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,13 +159,14 @@ def collate(episodes: list[Episode], device, a_stream: torch.Tensor | None = Non
     return Batch(ids.to(device), policy.to(device), old_logp.to(device), adv.to(device))
 
 
-def policy_logprobs(model, batch: Batch, temperature: float, chunk: int = 1024
+def policy_logprobs(model, batch: Batch, temperature: float, max_logits: int = 2 ** 24
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (and entropies) of the policy tokens of ``batch`` under ``model``.
 
     Returns (logp, entropy), each (P,) with P = batch.n_tokens, in row-major order of the policy
-    positions. The vocabulary projection runs on at most ``chunk`` positions at a time, each under
-    activation checkpointing; entropy is detached (a metric, not a loss term).
+    positions; entropy is detached (a metric, not a loss term). The vocabulary projection runs on
+    chunks of at most ``max_logits`` logits (positions × vocab); when there is more than one chunk
+    each runs under activation checkpointing, so no chunk's logits are kept for the backward pass.
     """
     hidden = model(batch.ids[:, :-1], return_hidden=True)           # (N, T-1, D)
     target_mask = batch.policy[:, 1:]
@@ -153,13 +174,15 @@ def policy_logprobs(model, batch: Batch, temperature: float, chunk: int = 1024
     targets = batch.ids[:, 1:][target_mask]                         # (P,)
 
     def head(h_chunk, t_chunk):
-        logits = model.logits(h_chunk)                              # (c, V)
-        logp = token_logprobs(logits, t_chunk, temperature)
+        lsm = log_probs(model.logits(h_chunk), temperature)                     # (c, V) fp32
+        logp = lsm.gather(-1, t_chunk[:, None]).squeeze(-1)
         with torch.no_grad():
-            lsm = torch.log_softmax(logits.float() / temperature, dim=-1)
             entropy = -(lsm.exp() * lsm).sum(-1)
         return logp, entropy
 
+    chunk = max(1, max_logits // model.cfg.vocab_size)
+    if h.shape[0] <= chunk:
+        return head(h, targets)
     outs = [checkpoint(head, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
             if torch.is_grad_enabled() else head(h[i:i + chunk], targets[i:i + chunk])
             for i in range(0, h.shape[0], chunk)]
@@ -176,8 +199,10 @@ def clipped_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, 
     """The PPO/DAPO clipped surrogate, summed over these P tokens and divided by ``n_tokens``.
 
     logp, old_logp, adv, ref_logp: (P,). Returns (loss, stats) where stats holds sums (not means)
-    over these tokens, so micro-batches add up: clipped-low / clipped-high counts (tokens whose
-    update the clip switched off) and the k3 estimate of KL(π_old ‖ π_θ) to the rollout policy.
+    over these tokens, so micro-batches add up: ``clip_low`` / ``clip_high`` count the tokens whose
+    ratio left the range on the side that matters for their advantage's sign (below 1−ε_low with
+    A < 0, above 1+ε_high with A > 0: the tokens the clip switched off), ``ratio_dev`` sums
+    |ρ − 1| and ``kl_rollout`` the k3 estimate of KL(π_old ‖ π_θ).
     """
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
@@ -190,7 +215,8 @@ def clipped_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, 
     with torch.no_grad():
         stats = {"clip_low": float(((ratio < 1 - eps_low) & (adv < 0)).sum()),
                  "clip_high": float(((ratio > 1 + eps_high) & (adv > 0)).sum()),
-                 "kl": float((log_ratio.exp() - 1 - log_ratio).sum())}
+                 "ratio_dev": float((ratio - 1).abs().sum()),
+                 "kl_rollout": float((ratio - 1 - log_ratio).sum())}
     return per_token.sum() / n_tokens, stats
 
 
@@ -211,7 +237,7 @@ def _sync_gradients(model) -> None:
     """Sum gradients over ranks. Each rank's loss is already divided by the *global* token count,
     so the sum is exactly the single-process gradient of the whole step. (A plain all-reduce
     rather than DistributedDataParallel: ranks may run different numbers of micro-batches, or
-    none at all when all their groups had zero signal, which DDP's per-backward hooks forbid.)"""
+    none at all when they hold no group of a mini-batch, which DDP's per-backward hooks forbid.)"""
     if not dist.is_initialized():
         return
     for p in model.parameters():
@@ -231,6 +257,7 @@ def _step(model, optimizer, batch: Batch | None, micro_batch: int, n_tokens: int
 
     ``loss_of(mb, logp) -> (loss, stats)`` returns the micro-batch's loss already divided by
     ``n_tokens`` (the step's token count over all ranks) and stats as sums; sums add up here.
+    ``batch`` None: this rank holds nothing of this step but joins the gradient sum.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -242,8 +269,7 @@ def _step(model, optimizer, batch: Batch | None, micro_batch: int, n_tokens: int
         logp, entropy = policy_logprobs(model, mb, temperature)
         loss, stats = loss_of(mb, logp)
         loss.backward()
-        for k, v in {"loss": loss.item(), "entropy": entropy.sum().item() / n_tokens,
-                     **stats}.items():
+        for k, v in {"loss": loss.item(), "entropy": entropy.sum().item(), **stats}.items():
             totals[k] = totals.get(k, 0.0) + v
     _sync_gradients(model)
     totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
@@ -251,38 +277,67 @@ def _step(model, optimizer, batch: Batch | None, micro_batch: int, n_tokens: int
     return totals
 
 
-def rl_step(model, optimizer, episodes: list[Episode], rewards: list[Rewards], group_size: int,
-            cfg: HRPOConfig, micro_batch: int = 8, ref_model=None,
-            max_grad_norm: float = 1.0) -> dict:
-    """One HRPO optimiser step on this rank's grouped rollouts. Returns the update's metrics.
+def split_groups(n_groups: int, parts: int) -> list[range]:
+    """Groups 0..n_groups-1 split into ``parts`` contiguous runs of near-equal size (the first
+    ones one longer); a run is empty when there are fewer groups than parts."""
+    size, extra = divmod(n_groups, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + size + (i < extra))
+    return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
 
-    Groups with no signal (all advantages zero) are dropped first (dynamic sampling); when no
-    rank has any signal left, no update is made (``updated`` = 0).
+
+STATS = ("loss", "entropy", "clip_low", "clip_high", "ratio_dev", "kl_rollout")
+
+
+def rl_update(model, optimizer, episodes: list[Episode],
+              advantage: tuple[torch.Tensor, torch.Tensor], group_size: int, cfg: HRPOConfig,
+              micro_batch: int = 8, ref_model=None, max_grad_norm: float = 1.0) -> dict:
+    """The HRPO update of one rollout batch (this rank's grouped rollouts and their
+    ``advantages``): ``cfg.epochs`` passes over ``cfg.mini_batches`` mini-batches of whole
+    groups, one optimiser step each, all with π_old = the rollout's log-probs. Returns the
+    update's metrics (``loss``, ``grad_norm``: means over updates; ``entropy``, clip fractions,
+    mean |ρ − 1| and ``kl_rollout``: means over all policy tokens of all updates; ``updates``:
+    optimiser steps taken).
+
+    Groups with no signal (all advantages zero) are dropped first: they would only dilute the
+    token mean. A mini-batch that holds no policy token on any rank is skipped on every rank.
     """
     device = next(model.parameters()).device
-    a_stream, a_deep = advantages(rewards, group_size, cfg.lam, cfg.std_eps)
-    signal = ((a_stream != 0) | (a_deep != 0)).view(-1, group_size).any(1)      # (B,)
-    keep = signal.repeat_interleave(group_size).nonzero().flatten().tolist()
-    n_tokens = int(global_sum(float(sum(sum(episodes[i].policy) for i in keep)), device))
-    metrics = {"zero_signal": 1.0 - float(signal.float().mean())}
-    if n_tokens == 0:
-        return {**metrics, "updated": 0.0}
-    batch = collate([episodes[i] for i in keep], device, a_stream[keep], a_deep[keep]) \
-        if keep else None
+    a_stream, a_deep = advantage
+    signal = group_signal(a_stream, a_deep, group_size)                         # (B,)
+    kept = signal.nonzero().flatten().tolist()
+    totals: dict[str, float] = {}
+    n_all, updates = 0.0, 0
+    for _ in range(cfg.epochs):
+        for part in split_groups(len(kept), cfg.mini_batches):
+            rows = [kept[g] * group_size + i for g in part for i in range(group_size)]
+            n_tokens = int(global_sum(float(sum(sum(episodes[r].policy) for r in rows)), device))
+            if n_tokens == 0:
+                continue
+            batch = collate([episodes[r] for r in rows], device, a_stream[rows], a_deep[rows]) \
+                if rows else None
 
-    def loss_of(mb, logp):
-        ref_logp = None
-        if cfg.kl_beta:
-            with torch.no_grad():
-                ref_logp, _ = policy_logprobs(ref_model, mb, cfg.temperature)
-        return clipped_loss(logp, _at_policy(mb, mb.old_logp), _at_policy(mb, mb.adv), n_tokens,
-                            cfg.eps_low, cfg.eps_high, ref_logp, cfg.kl_beta)
+            def loss_of(mb, logp):
+                ref_logp = None
+                if cfg.kl_beta:
+                    with torch.no_grad():
+                        ref_logp, _ = policy_logprobs(ref_model, mb, cfg.temperature)
+                return clipped_loss(logp, _at_policy(mb, mb.old_logp), _at_policy(mb, mb.adv),
+                                    n_tokens, cfg.eps_low, cfg.eps_high, ref_logp, cfg.kl_beta)
 
-    totals = _step(model, optimizer, batch, micro_batch, n_tokens, cfg.temperature, loss_of,
-                   max_grad_norm)
-    for k in ("clip_low", "clip_high", "kl"):
-        totals[k] = global_sum(totals.get(k, 0.0), device) / n_tokens
-    return {**metrics, **totals, "updated": 1.0}
+            step = _step(model, optimizer, batch, micro_batch, n_tokens, cfg.temperature, loss_of,
+                         max_grad_norm)
+            updates += 1
+            n_all += n_tokens
+            # The same sums on every rank, in the same order (a rank without data has zeros).
+            for k in STATS:
+                totals[k] = totals.get(k, 0.0) + global_sum(step.get(k, 0.0), device)
+            totals["grad_norm"] = totals.get("grad_norm", 0.0) + step["grad_norm"]   # global already
+    metrics = {"zero_signal": 1.0 - float(signal.float().mean()), "updates": float(updates)}
+    for k, v in totals.items():            # loss, grad_norm: per update; the rest: per token
+        metrics[k] = v / (updates if k in ("loss", "grad_norm") else n_all)
+    return metrics
 
 
 def sft_step(model, optimizer, episodes: list[Episode], micro_batch: int = 8,
@@ -292,5 +347,7 @@ def sft_step(model, optimizer, episodes: list[Episode], micro_batch: int = 8,
     device = next(model.parameters()).device
     batch = collate(episodes, device)
     n_tokens = int(global_sum(float(batch.n_tokens), device))
-    return _step(model, optimizer, batch, micro_batch, n_tokens, 1.0,
-                 lambda mb, logp: (-logp.sum() / n_tokens, {}), max_grad_norm)
+    m = _step(model, optimizer, batch, micro_batch, n_tokens, 1.0,
+              lambda mb, logp: (-logp.sum() / n_tokens, {}), max_grad_norm)
+    return {"loss": global_sum(m["loss"], device), "grad_norm": m["grad_norm"],
+            "entropy": global_sum(m["entropy"], device) / n_tokens}

