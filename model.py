@@ -841,6 +841,22 @@ def _write_synced(path: Path, write):
         os.fsync(f.fileno())
 
 
+def _save_siblings(path: Path) -> tuple[Path, Path]:
+    """Where save_checkpoint builds the new checkpoint, and where it puts the old one aside."""
+    return path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+
+
+def recover_checkpoint(path) -> None:
+    """Finish a save_checkpoint that a crash interrupted between its two renames. Then `path` is
+    gone, the previous checkpoint sits aside and the new one, complete (it is renamed only once
+    fully written and synced), in the temporary sibling: rename it into place. A crash at any
+    other moment leaves `path` whole, old or new, and needs nothing."""
+    path = Path(path)
+    tmp, old = _save_siblings(path)
+    if not path.exists() and old.exists() and tmp.exists():
+        tmp.rename(path)
+
+
 def save_checkpoint(model: Transformer, tokenizer: Tokenizer, path, extra: dict | None = None):
     """Write model.safetensors + config.json + tokenizer.json in HF layout, atomically: everything
     goes to a temporary sibling directory that is fsynced and then renamed over `path` (an old
@@ -851,7 +867,8 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer, path, extra: dict 
     from safetensors.torch import save
 
     path = Path(path)
-    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    tmp, old = _save_siblings(path)
+    recover_checkpoint(path)
     for p in (tmp, old):
         shutil.rmtree(p, ignore_errors=True)
     tmp.mkdir(parents=True)

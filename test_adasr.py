@@ -1185,6 +1185,61 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
         assert torch.allclose(p, q, atol=1e-6), name
 
 
+def test_hard_kill_while_writing_a_checkpoint_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL in the middle of writing the step-4 checkpoint: the step-2 checkpoint is intact,
+    --resume continues from it, the metrics are logged once per step, and the final weights are
+    those of a run that was never killed."""
+    import subprocess
+    import sys
+    import train
+    args = TINY_RUN + ["--stage", "sft", "--sft-steps", "6", "--save-every", "2"]
+    killed = tmp_path / "killed"
+    driver = f"""
+import os, signal
+import model
+real, saves = model._write_synced, []
+def dying(path, write):
+    if path.name == "trainer.pt":
+        saves.append(path)
+        if len(saves) == 2:                  # the checkpoint of step 4, half written
+            with open(path, "wb") as f:
+                f.write(b"half a trainer state")
+                f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    real(path, write)
+model._write_synced = dying
+import train
+train.main({args + ["--out", str(killed)]!r})
+"""
+    r = subprocess.run([sys.executable, "-c", driver], cwd=Path(__file__).parent,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr
+    assert torch.load(killed / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 2
+    assert (killed / ".checkpoint.tmp" / "trainer.pt").read_bytes() == b"half a trainer state"
+    train.main(args + ["--out", str(killed), "--resume"])
+    steps = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    train.main(args + ["--out", str(tmp_path / "straight")])
+    resumed, _ = load_pretrained(killed / "sft")
+    straight, _ = load_pretrained(tmp_path / "straight" / "sft")
+    for (name, p), q in zip(resumed.named_parameters(), straight.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_checkpoint_killed_between_its_renames_is_recovered(ckpt):
+    """The one moment a directory swap is not atomic: after the old checkpoint was moved aside
+    and before the new one was moved in. The new one is complete then; recovery moves it in."""
+    model, tok = load_pretrained(ckpt)
+    with torch.no_grad():
+        model.norm.weight.fill_(2.0)
+    save_checkpoint(model, tok, ckpt.with_name(".ckpt.tmp"))        # the complete new checkpoint
+    ckpt.rename(ckpt.with_name(".ckpt.old"))                        # the old one, set aside
+    M.recover_checkpoint(ckpt)
+    assert torch.all(load_pretrained(ckpt)[0].norm.weight == 2.0)
+    M.recover_checkpoint(ckpt)                                      # a whole checkpoint: no-op
+    assert ckpt.exists()
+
+
 def test_end_to_end_compare_run_writes_every_file(tmp_path):
     import train
     out = tmp_path / "run"

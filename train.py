@@ -67,7 +67,8 @@ from adasr import INSTRUCTION, LAYOUTS, MARKERS, Protocol, add_markers
 from data import TASKS, load_problems, synthetic_splits
 from hrpo import HRPOConfig, advantages, group_signal, rl_update, sft_step
 from model import (ArgumentParser, Transformer, UserError, check_device, init_weights,
-                   load_pretrained, run_cli, save_checkpoint, tiny_config, train_bpe)
+                   load_pretrained, recover_checkpoint, run_cli, save_checkpoint, tiny_config,
+                   train_bpe)
 from rewards import RewardConfig, score, summarize
 from rollout import rollout
 
@@ -439,6 +440,17 @@ class Run:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def forget_after(self, job: Job, step: int) -> None:
+        """Drop the metrics a killed run logged for steps after its last checkpoint: the resumed
+        run logs them again."""
+        log = self.out / "metrics.jsonl"
+        if self.d.main and log.exists():
+            keep = [line for line in log.read_text().splitlines(keepends=True)
+                    if not (json.loads(line)["job"] == job.name and json.loads(line)["step"] > step)]
+            tmp = log.with_suffix(".tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, log)
+
     def save_state(self, job: Job, step: int, model, optimizer) -> None:
         """Atomic checkpoint of the job in progress: model files + trainer.pt, in one rename."""
         if self.d.main:
@@ -458,9 +470,13 @@ class Run:
         start = copy.deepcopy(self.model) if job.start is None else self.load(self.out / job.start)
         ref_model = start.eval() if job.kind == "rl" and args.kl_beta else None
         state_file, state = self.out / "checkpoint" / "trainer.pt", None
-        if args.resume and state_file.exists():
-            state = torch.load(state_file, map_location=args.device, weights_only=False)
-            state = state if state["job"] == job.name else None
+        if args.resume:
+            if self.d.main:
+                recover_checkpoint(self.out / "checkpoint")
+            self.d.barrier()
+            if state_file.exists():
+                state = torch.load(state_file, map_location=args.device, weights_only=False)
+                state = state if state["job"] == job.name else None
         model = self.load(self.out / "checkpoint") if state else copy.deepcopy(start)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
                                       weight_decay=0.0 if job.kind == "rl" else 0.1)
@@ -468,6 +484,7 @@ class Run:
         if state:
             optimizer.load_state_dict(state["optimizer"])
             step = state["step"]
+            self.forget_after(job, step)
             if self.d.main:
                 print(f"[{job.name}] resuming at step {step}/{steps}")
         if self.d.main:
