@@ -74,8 +74,8 @@ INSTRUCTION = ("Read the problem as it arrives. After each sentence think briefl
 class Problem:
     """One streaming problem: the question arrives first, then the chunks one at a time.
 
-    The gold fields are None where the source does not know them (only the synthetic task knows
-    which chunks matter).
+    The gold fields are None where the source does not know them: only the synthetic task knows
+    which chunks matter (GSM8K's thoughts are built from its worked solutions, data.py).
     """
 
     id: str

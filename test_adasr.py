@@ -5,20 +5,24 @@ data skip cleanly without them; CUDA tests are marked ``cuda`` and skip without 
 
     pytest test_adasr.py -q
 """
+import functools
 import json
 import math
 import random
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
 
+import data as D
 import model as M
 from adasr import (DEEP, INSTRUCTION, MARKERS, STREAM, Problem, Protocol, add_markers,
                    answers_match, boxed_contents, extract_answer, normalize_answer)
-from data import (DataError, load_gsm8k, load_problems, load_streamingthinker, make_synthetic,
-                  split_question, split_sentences, synthetic_splits)
+from data import (WORLD_CONSTANTS, DataError, align_steps, causality_errors, load_gsm8k,
+                  load_problems, load_streamingthinker, make_synthetic, parse_step, said_numbers,
+                  solution_steps, split_question, split_sentences, synthetic_splits)
 from hrpo import (HRPOConfig, advantages, clipped_loss, collate, policy_logprobs, rl_update,
                   sft_step)
 from model import (CheckpointError, ModelConfig, Tokenizer, Transformer, init_weights,
@@ -512,23 +516,37 @@ def test_split_question_rejects_empty_text():
 
 # --- loaders on the shared files ---------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def shared_gsm8k(name):
+    """A shared GSM8K file's problems, loaded once for the tests that share them (the streaming
+    gold makes loading the whole training file take seconds)."""
+    return load_gsm8k(DATA / "gsm8k" / name)
+
+
 @needs_data
 def test_gsm8k_first_records():
-    problems = load_gsm8k(DATA / "gsm8k" / "train.jsonl")
+    problems = shared_gsm8k("train.jsonl")
     first, second = problems[:2]
     assert first.id == "train.jsonl:1"
     assert first.question == "How many clips did Natalia sell altogether in April and May?"
     assert first.chunks == ["Natalia sold clips to 48 of her friends in April, "
                             "and then she sold half as many clips in May."]
     assert first.answer == "72"
-    assert first.deep == first.rtt_deep == (
-        "Natalia sold 48/2 = 24 clips in May. "
-        "Natalia sold 48+24 = 72 clips altogether in April and May.")
-    assert first.thoughts is None and first.relevant is None
+    # "half" says 2: both steps can be thought right after the only chunk.
+    solution = ("Natalia sold 48/2 = 24 clips in May. "
+                "Natalia sold 48+24 = 72 clips altogether in April and May.")
+    assert first.thoughts == [solution]
+    assert first.deep == "The answer is 72."
+    assert first.rtt_deep == solution + " The answer is 72."
+    assert first.relevant is None
     assert second.question == "How much did she earn?"
     assert second.chunks == ["Weng earns $12 an hour for babysitting.",
                              "Yesterday, she just did 50 minutes of babysitting."]
     assert second.answer == "10"
+    # 60 minutes an hour is a world constant; the 50 minutes arrive with the second chunk.
+    assert second.thoughts == ["Weng earns 12/60 = $0.2 per minute.",
+                               "Working 50 minutes, she earned 0.2 x 50 = $10."]
+    assert second.deep == "The answer is 10."
 
 
 @needs_data
@@ -537,6 +555,8 @@ def test_gsm8k_loads_whole_files(name, count):
     problems = load_problems(DATA / "gsm8k" / name)
     assert len(problems) == count
     assert all(p.question and re.fullmatch(r"-?\d+(\.\d+)?", p.answer) for p in problems)
+    assert all(len(p.thoughts) == len(p.chunks) for p in problems)
+    assert all(p.deep.endswith(f"The answer is {p.answer}.") for p in problems)
 
 
 @needs_data
@@ -659,6 +679,202 @@ def test_skip_bad_reports_the_count(tmp_path):
     assert [p.id for p in problems] == ["mixed.jsonl:1", "mixed.jsonl:4"]
     message = str(caught[0].message)
     assert f"skipped 2 of 4 records in {path}: first error" in message and ":2:" in message
+
+
+# --- streaming gold from worked solutions (GSM8K) -----------------------------------------------
+
+F = Fraction
+
+
+@pytest.mark.parametrize("text, values", [
+    ("Tom has 3 apples and $1,200.50.", {3, F("1200.5")}),
+    ("It costs .5 or 0.50 dollars; a 3-page letter; 1, 2, 3.", {F(1, 2), 3, 1, 2}),
+    ("20% off, and 15 percent tax.", {20, F(1, 5), 15, F(3, 20)}),
+    ("She ate 3/4 of the pie.", {3, 4, F(3, 4)}),
+    ("He had twenty-five cards and two hundred and five stamps.", {25, 205}),
+    ("She sold half as many.", {2, F(1, 2)}),
+    ("Twice as many, a dozen eggs, a pair of shoes, triple the price.", {2, 12, 3}),
+    ("Two thirds of them, and a quarter of the rest.", {2, 3, F(2, 3), 4, F(1, 4)}),
+    ("One and a half hours on the third day.", {1, F(3, 2), 3, F(1, 3)}),
+    ("Twenty percent of five six-packs.", {20, F(1, 5), 5, 6}),
+    ("On the first and the second day.", set()),
+])
+def test_said_numbers_reads_digits_and_words(text, values):
+    assert said_numbers(text) == {F(v) for v in values}
+
+
+def _values(step):
+    """The uses of a step as sets of values (every reading), for compact comparisons."""
+    return [use.values for use in step.uses]
+
+
+@pytest.mark.parametrize("line, text, uses, results", [
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.", "Natalia sold 48/2 = 24 clips in May.",
+     [{48}, {2}], {24}),
+    ("He eats 32 slices because 2 x 16 = <<2*16=32>>32", "He eats 32 slices because 2 x 16 = 32",
+     [{2}, {16}], {32}),                                   # an own result is no use
+    ("The patio is 4*x = 4*10 = 40 feet long.", "The patio is 4*x = 4*10 = 40 feet long.",
+     [{4}, {10}], {40}),                                   # no annotation: "= 40" is the result
+    ("Salt: 2 liters * 20% = <<2*20*.01=.4>>.4 liters", "Salt: 2 liters * 20% = .4 liters",
+     [{2}, {20}, {F(1, 100)}, {20, F(1, 5)}], {F(2, 5)}),
+    ("Justine colored on 245 pieces of paper.", "Justine colored on 245 pieces of paper.",
+     [{245}], set()),                                      # no "=": every number is a use
+    ("Half of it is 1/2 * 30 = 15 each week.", "Half of it is 1/2 * 30 = 15 each week.",
+     [{1, 2, F(1, 2)}, {30}, {2, F(1, 2)}], {15}),
+    ("They spend half their day because 4 / 8 = .5", "They spend half their day because 4 / 8 = .5",
+     [{4, 8, F(1, 2)}], {F(1, 2)}),                        # "half" names the result .5
+    ("Let x be   the price.", "Let x be the price.", [], set()),
+])
+def test_parse_step_uses_and_results(line, text, uses, results):
+    step = parse_step(line)
+    assert step.text == text
+    assert _values(step) == [{F(v) for v in u} for u in uses]
+    assert step.results == {F(v) for v in results}
+
+
+def gsm8k(tmp_path, question, solution, answer):
+    """The one Problem of a GSM8K file holding one record."""
+    record = {"question": question, "answer": f"{solution}\n#### {answer}", "id": "ignored"}
+    [problem] = load_problems(write_jsonl(tmp_path / "one.jsonl", [record]))
+    return problem
+
+
+def test_gsm8k_gold_step_waits_for_its_chunk(tmp_path):
+    p = gsm8k(tmp_path, "Tom has 5 apples. He buys 3 more. Then he eats 2. How many are left?",
+              "He has 5+3 = <<5+3=8>>8 apples.\nHe has 8-2 = <<8-2=6>>6 left.", 6)
+    assert p.chunks == ["Tom has 5 apples.", "He buys 3 more.", "Then he eats 2."]
+    assert p.thoughts == ["", "He has 5+3 = 8 apples.", "He has 8-2 = 6 left."]
+    assert p.deep == "The answer is 6."
+    assert p.rtt_deep == "He has 5+3 = 8 apples. He has 8-2 = 6 left. The answer is 6."
+
+
+def test_gsm8k_gold_number_said_in_words(tmp_path):
+    p = gsm8k(tmp_path, "Ann has forty pens. She gives half of them to Ben. "
+                        "Ben already had a dozen. How many pens does Ben have now?",
+              "Ann gives 40/2 = <<40/2=20>>20 pens.\nBen has 12+20 = <<12+20=32>>32 pens.", 32)
+    # 12 is a world constant, but this problem says "a dozen": the second step waits for it.
+    assert p.thoughts == ["", "Ann gives 40/2 = 20 pens.", "Ben has 12+20 = 32 pens."]
+    assert p.deep == "The answer is 32."
+
+
+def test_gsm8k_gold_decimal_and_percentage(tmp_path):
+    p = gsm8k(tmp_path, "A shirt costs $12.50. It is sold at 20% off. "
+                        "How much does the shirt cost now?",
+              "The discount is 12.5 * .20 = $<<12.5*.20=2.5>>2.50.\n"
+              "It costs 12.50 - 2.50 = $<<12.50-2.50=10>>10 now.", 10)
+    # 12.5 == 12.50 and .20 == 20% by value
+    assert p.thoughts == ["", "The discount is 12.5 * .20 = $2.50. "
+                              "It costs 12.50 - 2.50 = $10 now."]
+
+
+def test_gsm8k_gold_uses_earlier_results(tmp_path):
+    p = gsm8k(tmp_path, "Sam has 2 boxes. Each box holds 3 pens. "
+                        "He buys 4 more pens. How many pens does he have?",
+              "The boxes hold 2*3 = <<2*3=6>>6 pens.\nHe has 6+4 = <<6+4=10>>10 pens.", 10)
+    # 6 is said nowhere: it is known as the first step's result, from that step's chunk on
+    assert p.thoughts == ["", "The boxes hold 2*3 = 6 pens.", "He has 6+4 = 10 pens."]
+
+
+def test_gsm8k_gold_without_calculator_annotations(tmp_path):
+    p = gsm8k(tmp_path, "Tom has 5 apples. He buys 3 more. Then he eats 2. How many are left?",
+              "Let x be the apples he has.\nHe has x = 5+3 = 8 apples.\nHe has 8-2 = 6 left.", 6)
+    # The step without a number goes with the step after it.
+    assert p.thoughts == ["", "Let x be the apples he has. He has x = 5+3 = 8 apples.",
+                          "He has 8-2 = 6 left."]
+    assert p.deep == "The answer is 6."
+
+
+def test_gsm8k_gold_unknown_number_sends_the_rest_deep(tmp_path):
+    p = gsm8k(tmp_path, "Tom has 3 cars. He also has 2 bikes. How many wheels do they have?",
+              "He has 3+2 = <<3+2=5>>5 vehicles.\nThe cars have 3*4 = <<3*4=12>>12 wheels.\n"
+              "The bikes have 2*2 = <<2*2=4>>4 wheels.\nThat is 12+4 = <<12+4=16>>16 wheels.", 16)
+    # 4 wheels a car is never said: that step goes deep, and so does every step after it, even
+    # "2*2", whose numbers are known by the second chunk.
+    assert p.thoughts == ["", "He has 3+2 = 5 vehicles."]
+    assert p.deep == ("The cars have 3*4 = 12 wheels. The bikes have 2*2 = 4 wheels. "
+                      "That is 12+4 = 16 wheels. The answer is 16.")
+    assert p.rtt_deep == "He has 3+2 = 5 vehicles. " + p.deep
+
+
+def test_gsm8k_gold_question_only_streams_nothing(tmp_path):
+    p = gsm8k(tmp_path, "How much is 2+3?", "2+3 = <<2+3=5>>5", 5)
+    assert p.chunks == [] and p.thoughts == [] and p.deep == "2+3 = 5 The answer is 5."
+
+
+def _gsm8k_sample(n=300):
+    """The first n records of each shared GSM8K file with their problems: (record, problem)."""
+    for name in ("train.jsonl", "test.jsonl"):
+        path = DATA / "gsm8k" / name
+        if not path.is_file():
+            pytest.skip(f"shared GSM8K file not found at {path}")
+        with path.open() as f:
+            records = [json.loads(next(f)) for _ in range(n)]
+        problems = shared_gsm8k(name)[:n]
+        yield from zip(records, problems)
+
+
+@needs_data
+def test_gsm8k_gold_is_causal():
+    """Every step thought at chunk k uses only numbers known after chunk k: said in the question
+    or chunks 0..k, a world constant (or its reciprocal), or an earlier step's result. Checked
+    with its own bookkeeping, not align_steps's."""
+    constants = {v for c in WORLD_CONSTANTS for v in (c, 1 / c if c else c)}
+    streamed = total = 0
+    for record, p in _gsm8k_sample():
+        steps = solution_steps(record["answer"].rpartition("####")[0])
+        placed = align_steps(p.question, p.chunks, steps)
+        total += len(steps)
+        assert p.thoughts == [" ".join(s.text for s, k in zip(steps, placed) if k == c)
+                              for c in range(len(p.chunks))]
+        stream = [k for k in placed if k is not None]
+        assert stream == sorted(stream)  # in order, and the deep phase is a tail:
+        assert placed[len(stream):] == [None] * (len(placed) - len(stream))
+        results = set()
+        for step, k in zip(steps, placed):
+            if k is None:
+                break
+            known = said_numbers(p.question) | constants | results
+            known |= set().union(*(said_numbers(c) for c in p.chunks[:k + 1]))
+            for use in step.uses:
+                assert D.known_at(use, dict.fromkeys(known, 0)) is not None, \
+                    (p.id, k, step.text, use.values)
+            results |= step.results
+            streamed += 1
+        assert causality_errors(p.question, p.chunks, steps, placed) == []
+    assert streamed > 0.8 * total  # most steps do stream
+
+
+@needs_data
+def test_gsm8k_gold_episodes_parse_with_their_own_answer():
+    tok = train_bpe([], 256 + len(MARKERS), special_tokens=MARKERS)  # bytes and the markers
+    protocol = Protocol(tok)
+    for _, p in _gsm8k_sample(150):
+        for layout in ("stream", "read_then_think"):
+            ep = protocol.gold(p, layout)
+            assert ep.parsed.valid, (p.id, layout, ep.parsed.stream_errors, ep.parsed.deep_errors)
+            assert answers_match(ep.parsed.answer, p.answer)
+        assert ep.parsed.deep == p.rtt_deep
+        assert protocol.gold(p, "stream").parsed.thoughts == p.thoughts
+
+
+def test_gold_report_script(tmp_path, capsys, monkeypatch):
+    path = write_jsonl(tmp_path / "few.jsonl", [
+        {"question": "Tom has 5 apples. He buys 3 more. How many?", "answer": "5+3=8\n#### 8"},
+        {"question": "Tom has 3 cars. How many wheels?", "answer": "3*4=12\n#### 12"}])
+    D.main([str(path)])
+    out = " ".join(capsys.readouterr().out.split())
+    for s in ["2 problems", "steps placed in the stream 50.0% (1 of 2)",
+              "chunks with a thought 33.3% (1 of 3)",
+              "at least one thought 50.0% (1 of 2)", "causality broken): 0"]:
+        assert s in out
+    # A broken alignment (every step after the first chunk) is caught and fails the run.
+    monkeypatch.setattr(D, "align_steps", lambda q, chunks, steps: [0] * len(steps))
+    with pytest.raises(SystemExit) as failed:
+        D.main([str(path)])
+    assert failed.value.code == 1
+    assert "uses 3 before it is known" in capsys.readouterr().out
+    with pytest.raises(DataError, match="no such file"):
+        D.main([str(tmp_path / "nope.jsonl")])
 
 
 # --- the synthetic task ------------------------------------------------------------------------
