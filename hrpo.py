@@ -128,13 +128,17 @@ class Batch:
     policy: torch.Tensor        # bool, False on padding
     old_logp: torch.Tensor      # float, sampling log-probs (0 where not policy)
     adv: torch.Tensor           # float, per-token advantage (0 where not policy)
+    lengths: torch.Tensor       # (N,) long, tokens of each episode
 
     @property
     def n_tokens(self) -> int:
         return int(self.policy.sum())
 
-    def rows(self, sl: slice) -> Batch:
-        return Batch(self.ids[sl], self.policy[sl], self.old_logp[sl], self.adv[sl])
+    def rows(self, idx: torch.Tensor) -> Batch:
+        """The episodes ``idx`` (N',), cut to the longest of them."""
+        width = int(self.lengths[idx].max())
+        return Batch(self.ids[idx, :width], self.policy[idx, :width], self.old_logp[idx, :width],
+                     self.adv[idx, :width], self.lengths[idx])
 
 
 def collate(episodes: list[Episode], device, a_stream: torch.Tensor | None = None,
@@ -156,19 +160,24 @@ def collate(episodes: list[Episode], device, a_stream: torch.Tensor | None = Non
         if a_stream is not None:
             deep = torch.tensor(ep.phase) == DEEP
             adv[i, :n] = torch.where(deep, a_deep[i], a_stream[i]) * policy[i, :n]
-    return Batch(ids.to(device), policy.to(device), old_logp.to(device), adv.to(device))
+    lengths = torch.tensor([len(ep.tokens) for ep in episodes])
+    return Batch(ids.to(device), policy.to(device), old_logp.to(device), adv.to(device),
+                 lengths.to(device))
 
 
-def policy_logprobs(model, batch: Batch, temperature: float, max_logits: int = 2 ** 24
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_logprobs(model, batch: Batch, temperature: float, max_logits: int = 2 ** 24,
+                    entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of the policy tokens of ``batch`` under ``model``.
 
     Returns (logp, entropy), each (P,) with P = batch.n_tokens, in row-major order of the policy
-    positions; entropy is detached (a metric, not a loss term). The vocabulary projection runs on
-    chunks of at most ``max_logits`` logits (positions × vocab); when there is more than one chunk
-    each runs under activation checkpointing, so no chunk's logits are kept for the backward pass.
+    positions; entropy is detached (a metric, not a loss term; None when not asked for). The
+    forward computes each episode's real tokens only (``lengths``: no matmul on padding). The
+    vocabulary projection runs on chunks of at most ``max_logits`` logits (positions × vocab);
+    when there is more than one chunk each runs under activation checkpointing, so no chunk's
+    logits are kept for the backward pass.
     """
-    hidden = model(batch.ids[:, :-1], return_hidden=True)           # (N, T-1, D)
+    # the last token of an episode is never an input: position t predicts token t+1
+    hidden = model(batch.ids[:, :-1], return_hidden=True, lengths=batch.lengths - 1)  # (N, T-1, D)
     target_mask = batch.policy[:, 1:]
     h = hidden[target_mask]                                         # (P, D)
     targets = batch.ids[:, 1:][target_mask]                         # (P,)
@@ -176,9 +185,10 @@ def policy_logprobs(model, batch: Batch, temperature: float, max_logits: int = 2
     def head(h_chunk, t_chunk):
         lsm = log_probs(model.logits(h_chunk), temperature)                     # (c, V) fp32
         logp = lsm.gather(-1, t_chunk[:, None]).squeeze(-1)
+        if not entropy:
+            return logp, None
         with torch.no_grad():
-            entropy = -(lsm.exp() * lsm).sum(-1)
-        return logp, entropy
+            return logp, -(lsm.exp() * lsm).sum(-1)
 
     chunk = max(1, max_logits // model.cfg.vocab_size)
     if h.shape[0] <= chunk:
@@ -186,7 +196,7 @@ def policy_logprobs(model, batch: Batch, temperature: float, max_logits: int = 2
     outs = [checkpoint(head, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
             if torch.is_grad_enabled() else head(h[i:i + chunk], targets[i:i + chunk])
             for i in range(0, h.shape[0], chunk)]
-    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]) if entropy else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +262,7 @@ def _at_policy(batch: Batch, x: torch.Tensor) -> torch.Tensor:
 
 
 def _step(model, optimizer, batch: Batch | None, micro_batch: int, n_tokens: int,
-          temperature: float, loss_of, max_grad_norm: float) -> dict:
+          temperature: float, loss_of, max_grad_norm: float, with_entropy: bool) -> dict:
     """Accumulate gradients over micro-batches of rows, sync ranks, clip, take one optimiser step.
 
     ``loss_of(mb, logp) -> (loss, stats)`` returns the micro-batch's loss already divided by
@@ -261,15 +271,21 @@ def _step(model, optimizer, batch: Batch | None, micro_batch: int, n_tokens: int
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    totals: dict[str, float] = {"loss": 0.0, "entropy": 0.0}
-    for start in range(0, batch.ids.shape[0] if batch else 0, micro_batch):
-        mb = batch.rows(slice(start, start + micro_batch))
+    totals: dict[str, float] = {"loss": 0.0}
+    # Micro-batches of episodes of similar length (sorted), each cut to its longest episode: the
+    # attention, which alone works on the padded layout, then wastes little.
+    order = batch.lengths.argsort() if batch else []
+    for start in range(0, len(order), micro_batch):
+        mb = batch.rows(order[start:start + micro_batch])
         if mb.n_tokens == 0:
             continue
-        logp, entropy = policy_logprobs(model, mb, temperature)
+        logp, entropy = policy_logprobs(model, mb, temperature, entropy=with_entropy)
         loss, stats = loss_of(mb, logp)
         loss.backward()
-        for k, v in {"loss": loss.item(), "entropy": entropy.sum().item(), **stats}.items():
+        stats = {"loss": loss.item(), **stats}
+        if with_entropy:
+            stats["entropy"] = entropy.sum().item()
+        for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v
     _sync_gradients(model)
     totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
@@ -327,7 +343,7 @@ def rl_update(model, optimizer, episodes: list[Episode],
                                     n_tokens, cfg.eps_low, cfg.eps_high, ref_logp, cfg.kl_beta)
 
             step = _step(model, optimizer, batch, micro_batch, n_tokens, cfg.temperature, loss_of,
-                         max_grad_norm)
+                         max_grad_norm, with_entropy=True)
             updates += 1
             n_all += n_tokens
             # The same sums on every rank, in the same order (a rank without data has zeros).
@@ -348,6 +364,5 @@ def sft_step(model, optimizer, episodes: list[Episode], micro_batch: int = 8,
     batch = collate(episodes, device)
     n_tokens = int(global_sum(float(batch.n_tokens), device))
     m = _step(model, optimizer, batch, micro_batch, n_tokens, 1.0,
-              lambda mb, logp: (-logp.sum() / n_tokens, {}), max_grad_norm)
-    return {"loss": global_sum(m["loss"], device), "grad_norm": m["grad_norm"],
-            "entropy": global_sum(m["entropy"], device) / n_tokens}
+              lambda mb, logp: (-logp.sum() / n_tokens, {}), max_grad_norm, with_entropy=False)
+    return {"loss": global_sum(m["loss"], device), "grad_norm": m["grad_norm"]}

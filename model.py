@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import sys
+import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -74,6 +75,18 @@ def check_device(device: str) -> None:
         raise UserError(f"option --device = {device!r}: no such CUDA device on this machine")
     if dev.type not in ("cpu", "cuda"):
         raise UserError(f"option --device = {device!r}: only cpu and cuda are supported")
+
+
+def matmul_gflops(seconds: float = 0.5) -> float:
+    """This machine's fp32 matmul throughput (1024³ products, current thread count), to print
+    beside absolute times: machines of one kind differ by up to 2x, ratios do not."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 1024 ** 3 * n / (time.perf_counter() - t0) / 1e9
 
 
 def run_cli(main) -> None:
@@ -258,9 +271,11 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, cos, sin, cache=None, positions=None, mask=None):
-        """x (B, T, dim) -> (B, T, dim). With a cache, k/v go to `positions` (B, T) and the
-        queries attend to the row's cached keys under `mask` (B, 1, T, L)."""
+    def forward(self, x, cos, sin, layout: "Ragged | None" = None):
+        """x (B, T, dim) -> (B, T, dim), causal. With a ragged ``layout`` x is (1, N, dim): the N
+        real tokens of rows of different lengths, flattened (the projections never see padding);
+        each attends to its own row — the row so far in a training forward, or the row's cache
+        when the layout is a CacheStep (its keys/values are written there first)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -269,12 +284,36 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
+        if layout is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            k, v = cache.update(self.layer, k, v, positions, mask.shape[-1])
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        # (1, H, N, hd) -> (N, H, hd): one row of heads per real token
+        q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
+        if isinstance(layout, CacheStep):
+            y = self._cached_attention(q, k, v, layout)
+        else:   # padded to (B, H, T, hd) for the attention alone; right padding never leaks in
+            y = F.scaled_dot_product_attention(*(layout.pad(t).transpose(1, 2) for t in (q, k, v)),
+                                               is_causal=True, enable_gqa=True)
+            y = layout.flat(y.transpose(1, 2))
+        return self.o_proj(y.reshape(1, -1, self.n_heads * self.head_dim))
+
+    def _cached_attention(self, q, k, v, step: "CacheStep"):
+        """q, k, v (N, H(kv), hd) of the step's new tokens -> attention output (N, H, hd)."""
+        keys, values = step.cache.write(self.layer, k, v, step.rows, step.positions, step.length)
+        # Two attention calls, so that one row reading a whole chunk does not pad every row's
+        # queries to the chunk's length: the first new token of every row (B, H, 1, hd) against
+        # the whole cache, then the later tokens of the rows that got several (R2, H, T2, hd)
+        # against those rows' keys alone.
+        first = F.scaled_dot_product_attention(q[step.first][:, :, None], keys, values,
+                                               attn_mask=step.first_mask, enable_gqa=True)
+        y = first.new_empty(q.shape)            # the attention's dtype (bf16 under autocast)
+        y[step.first[step.lengths > 0]] = first[step.lengths > 0, :, 0]
+        if len(step.more):
+            later = F.scaled_dot_product_attention(
+                q[step.more_idx].transpose(1, 2), keys[step.more], values[step.more],
+                attn_mask=step.more_mask, enable_gqa=True).transpose(1, 2)        # (R2, T2, H, hd)
+            y[step.more_idx[step.more_valid]] = later[step.more_valid]
+        return y
 
 
 class MLP(nn.Module):
@@ -296,20 +335,19 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, positions=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, mask)
+    def forward(self, x, cos, sin, layout=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class KVCache:
     """Preallocated keys/values for every layer: k, v of shape (n_layers, B, n_kv_heads, max_len, head_dim).
 
-    `pos` (B,) is how many tokens each row holds. A forward with the cache writes its T new tokens
-    of row b at pos[b]..pos[b]+T-1 and then advances pos by T. Entries at or beyond pos[b] are never
-    read, which enables the "rewind" trick: prefill B right-padded prompts in one (B, Tmax) forward,
-    then set `cache.pos = lengths`; the pad keys/values past each row's length are masked out and
-    overwritten by the next writes, so decoding is exact. The buffers start as zeros (not empty)
-    because masked scores are added as -inf and a NaN from uninitialised memory would poison them.
+    `pos` (B,) is how many tokens each row holds. Rows are independent and *ragged*: a forward
+    step gives each row its own number of new tokens (0, 1, or a whole prompt or chunk), written
+    at pos[b]..pos[b]+n_b-1, and then advances pos[b] by n_b. Entries at or beyond pos[b] are
+    never read. The buffers start as zeros (not empty) because masked scores are added as -inf
+    and a NaN from uninitialised memory would poison them.
     """
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, device, dtype):
@@ -326,12 +364,37 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def update(self, layer: int, k, v, positions, length: int):
-        """Write k, v (B, Hkv, T, hd) at `positions` (B, T); return this layer's k, v (B, Hkv, length, hd)."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        # advanced indices on dims 0 and 2 put the broadcast (B, T) first: target is (B, T, Hkv, hd)
-        self.k[layer][rows, :, positions] = k.transpose(1, 2)
-        self.v[layer][rows, :, positions] = v.transpose(1, 2)
+    def plan(self, lengths: torch.Tensor, width: int) -> "CacheStep":
+        """The bookkeeping of one forward step in which row b gets lengths[b] new tokens, given
+        right-padded to ``width`` columns (see CacheStep)."""
+        device = self.pos.device
+        if lengths.shape[0] != self.batch_size:
+            raise ValueError(f"input_ids has {lengths.shape[0]} rows but the KV cache has {self.batch_size}")
+        length = int((self.pos + lengths).max())                        # attend over the filled prefix only
+        if length > self.max_len:
+            raise ValueError(f"KV cache overflow: a row would hold {length} tokens, cache max_len is {self.max_len}")
+        ragged = Ragged.of(lengths, width, start=self.pos)
+        valid, positions = ragged.valid, ragged.positions
+        rows = torch.arange(self.batch_size, device=device)[:, None].expand_as(valid)[valid]
+        keys = torch.arange(length, device=device)
+        # key j is visible to a query at position p of its row iff j <= p
+        start = torch.cumsum(lengths, 0) - lengths                      # flat index of each row's first token
+        first = torch.where(lengths > 0, start, 0)
+        first_mask = (keys <= torch.where(lengths > 0, self.pos, 0)[:, None])[:, None, None]
+        more = (lengths > 1).nonzero().flatten()
+        offsets = torch.arange(1, max(2, int(lengths.max())), device=device)
+        more_valid = offsets < lengths[more, None]                      # (R2, T2)
+        more_idx = start[more, None] + torch.minimum(offsets, lengths[more, None] - 1)
+        more_mask = (keys <= positions[more_idx][..., None])[:, None]   # (R2, 1, T2, length)
+        return CacheStep(valid, positions, lengths, self, rows, length, first, first_mask,
+                         more, more_idx, more_valid, more_mask)
+
+    def write(self, layer: int, k, v, rows, positions, length: int):
+        """Write the new tokens' k, v (N, Hkv, hd) at (rows, positions) (N,); return this layer's
+        k, v (B, Hkv, length, hd). k and v take the cache's dtype (bf16 under autocast)."""
+        # advanced indices on dims 0 and 2 put the (N,) index first: the target is (N, Hkv, hd)
+        self.k[layer][rows, :, positions] = k.to(self.k.dtype)
+        self.v[layer][rows, :, positions] = v.to(self.v.dtype)
         return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
 
     def select(self, rows: torch.Tensor) -> "KVCache":
@@ -341,6 +404,54 @@ class KVCache:
         rows = rows.to(self.pos.device)
         self.k, self.v, self.pos = self.k[:, rows], self.v[:, rows], self.pos[rows]
         return self
+
+
+@dataclass
+class Ragged:
+    """Rows of different lengths given right-padded as (B, T): row b's tokens are its first
+    lengths[b] columns. The N real tokens, flattened row by row, are what the projections and the
+    MLP compute on; ``pad``/``flat`` move per-token tensors between the two layouts."""
+    valid: torch.Tensor         # (B, T) bool: which slots are real tokens
+    positions: torch.Tensor     # (N,) position of each real token in its row
+    lengths: torch.Tensor       # (B,)
+
+    @classmethod
+    def of(cls, lengths: torch.Tensor, width: int, start: torch.Tensor | None = None) -> "Ragged":
+        """Row b's tokens sit at positions start[b] + 0..lengths[b]-1 (start 0 by default)."""
+        cols = torch.arange(width, device=lengths.device)
+        valid = cols < lengths[:, None]
+        positions = cols.expand_as(valid) if start is None else start[:, None] + cols
+        return cls(valid, positions[valid], lengths)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...), zeros at the padding."""
+        out = x.new_zeros(*self.valid.shape, *x.shape[1:])
+        out[self.valid] = x
+        return out
+
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...)."""
+        return x[self.valid]
+
+
+@dataclass
+class CacheStep(Ragged):
+    """One ragged forward step through a KVCache (``KVCache.plan``), computed once and shared by
+    every layer: each row's new tokens are written to its ``rows``/``positions`` of the cache and
+    attend over keys 0..length-1. ``first`` (B,) is the flat index of each row's first new token,
+    whose query attends under ``first_mask`` (B, 1, 1, length); ``more`` (R2,) are the rows with
+    several new tokens, ``more_idx`` (R2, T2) the flat indices of their later tokens (padding
+    repeats the last one, ``more_valid`` says which are real) and ``more_mask`` (R2, 1, T2,
+    length) their mask."""
+    cache: KVCache
+    rows: torch.Tensor          # (N,) cache row of each token
+    length: int
+    first: torch.Tensor
+    first_mask: torch.Tensor
+    more: torch.Tensor
+    more_idx: torch.Tensor
+    more_valid: torch.Tensor
+    more_mask: torch.Tensor
 
 
 class Transformer(nn.Module):
@@ -367,43 +478,49 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        c = self.cfg
-        return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, self.device, self.dtype)
+        """A cache for batch_size rows of up to max_len tokens, in the dtype the forward produces
+        keys/values in: the weights' dtype, or the autocast dtype when autocast is on."""
+        c, kind = self.cfg, self.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.dtype
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, self.device, dtype)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab) in float32.
 
-        Without a cache: causal forward at positions 0..T-1 (right padding is harmless to the
-        tokens before it). With a cache: row b's tokens sit at cache.pos[b] + 0..T-1, attend to
-        that row's history, and cache.pos advances by T. Serves both prefill (T > 1) and decode (T = 1).
+        Without a cache: causal forward at positions 0..T-1. With ``lengths`` (B,) only the first
+        lengths[b] tokens of row b are computed (a training batch of different lengths: no
+        matmul ever sees the padding); without, right padding is harmless to the tokens before it.
+        With a cache: row b's new tokens are input_ids[b, :lengths[b]] (all T when ``lengths`` is
+        None; 0 is allowed), they sit at cache.pos[b] + 0..n_b-1 and attend to that row's
+        history, and cache.pos[b] advances by n_b. One call serves prefill (a prompt per row),
+        decode (one token per row) and anything ragged in between (one row reads a whole chunk
+        while the others write a token). Outputs at padding are zeros.
         return_hidden=True returns the final-norm hidden states (B, T, dim) instead; `self.logits(h)`
         then projects only the rows that need it (the (B, T, vocab) fp32 tensor is the memory peak
         of a training forward).
         """
         B, T = input_ids.shape
-        steps = torch.arange(T, device=input_ids.device)
-        mask = None
-        if cache is None:
-            positions = steps[None]  # (1, T)
+        recompute = self.gradient_checkpointing and self.training and cache is None
+        if cache is None and lengths is None:
+            positions = torch.arange(T, device=input_ids.device)[None]      # (1, T)
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+            x = self.embed_tokens(input_ids)
+            for block in self.layers:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False) if recompute else block(x, cos, sin)
+            x = self.norm(x)
         else:
-            if cache.batch_size != B:
-                raise ValueError(f"input_ids has {B} rows but the KV cache has {cache.batch_size}")
-            positions = cache.pos[:, None] + steps  # (B, T)
-            length = int(cache.pos.max()) + T  # attend over the filled prefix only, not max_len
-            if length > cache.max_len:
-                raise ValueError(f"KV cache overflow: a row would hold {length} tokens, cache max_len is {cache.max_len}")
-            # key j is visible to the query at position p iff j <= p (per row)
-            mask = (torch.arange(length, device=input_ids.device) <= positions[..., None])[:, None]
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
-        x = self.embed_tokens(input_ids)
-        for block in self.layers:
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, cache, positions, mask)
-        if cache is not None:
-            cache.pos += T
-        x = self.norm(x)
+            lengths = torch.full((B,), T, device=input_ids.device) if lengths is None else lengths
+            layout = Ragged.of(lengths, T) if cache is None else cache.plan(lengths, T)
+            # the N real tokens as one sequence: (1, N, dim)
+            x = self.embed_tokens(input_ids[layout.valid])[None]
+            cos, sin = rope_cos_sin(layout.positions[None], self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+            for block in self.layers:
+                x = checkpoint(block, x, cos, sin, layout, use_reentrant=False) if recompute \
+                    else block(x, cos, sin, layout)
+            if cache is not None:
+                cache.pos += lengths
+            x = layout.pad(self.norm(x[0]))
         return x if return_hidden else self.logits(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -897,17 +1014,29 @@ def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """logits (..., V) -> log softmax(logits / temperature) (..., V) in fp32: the one definition of
     the policy's distribution, shared by sampling (the rollout) and scoring (training), so that a
     rollout's log-probs are exactly the training forward's. Temperature 0 (greedy) is scored at 1."""
-    return (logits.float() / (temperature if temperature > 0 else 1.0)).log_softmax(-1)
+    logits = logits.float()
+    if temperature not in (0, 1):       # skip a pass over (tokens × vocab) when it changes nothing
+        logits = logits / temperature
+    return logits.log_softmax(-1)
 
 
 def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (N, V) -> tokens (N,) long, their log-probs (N,) float32. Temperature 0 is greedy.
     Plain temperature sampling (no top-k/top-p): the recorded log-prob is then exactly that of the
-    distribution the token was drawn from, as the PPO importance ratio requires."""
+    distribution the token was drawn from, as the PPO importance ratio requires.
+
+    Sampling inverts the cumulative distribution with one uniform number per row (the first
+    token whose cumulative probability reaches it): exact, and about 7x faster on a CPU than
+    torch.multinomial, which draws an exponential per vocabulary entry (49k for SmolLM2)."""
     logp = log_probs(logits, temperature)
-    tokens = logp.argmax(-1) if temperature == 0 else \
-        torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    if temperature == 0:
+        tokens = logp.argmax(-1)
+    else:
+        cdf = logp.exp().cumsum(-1)                                             # (N, V)
+        # u in (0, total]: a token of probability 0 is never the first to reach it
+        u = (1 - torch.rand(len(cdf), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 

@@ -5,32 +5,28 @@ observations; the model writes a thought until it emits ``<EOT>`` (just ``<EOT>`
 the next chunk comes. After ``<EOI>`` the model writes the deep phase and the row stops at
 ``<EOA>`` (or the model's own end token), or at the token budget (then it is *truncated*).
 Read-then-think runs in the same loop: its stream is a single block, so all thinking comes after
-the last chunk (see ``adasr.Protocol.blocks``).
+the last chunk (see ``adasr.Protocol.blocks``). ``python rollout.py`` shows it live.
 
 Design decisions
 ----------------
-* One token per row per step. At every step each active row either *consumes* the next queued
-  observation token (forced) or *samples* one (policy). Rows therefore never wait for each other:
-  one row can be reading chunk 3 while its neighbour is thinking about chunk 1, and the loop is a
-  single (rows, 1) forward per step. The price: a chunk of n tokens costs n decode steps instead of
-  one prefill. Chunks are sentences (10–30 tokens), about as long as the thoughts they trigger, so
-  this at most doubles the stream-phase steps, while the batch keeps every step wide; a
-  multi-token chunk prefill would force rows into lockstep or ragged multi-token steps.
-* The shared prompt (observation block 0) is prefilled once per problem — right-padded in one
-  (B, T) forward, then each row's cache position is rewound to its true length (the padding's
-  K/V is overwritten by later writes) — and copied into the G rows of its group with
-  ``cache.select``.
-* Finished rows stop costing compute, lazily: they are dropped from the batch (``cache.select``)
-  once they make up a quarter of it. Compacting copies the whole cache, so doing it at every
-  finished row would cost more than the few wasted row-steps it saves.
+* One ragged forward per step (``model(ids, cache, lengths=...)``). At every step each row feeds
+  what it has: the token it just sampled, or — when that token closed a thought — the ``<EOT>``
+  followed by the whole next chunk, so that a chunk costs one step, not one step per token. Rows
+  never wait for each other: one row can be reading chunk 3 while its neighbour is thinking about
+  chunk 1. The projections and MLP run on the real tokens only; only the attention is padded to
+  the longest row of the step (model.CacheStep).
+* The shared prompt (observation block 0) is prefilled once per problem, in the same ragged
+  forward, and copied into the G rows of its group with ``cache.select``.
+* Finished rows feed nothing, and are dropped from the batch (``cache.select``) once they make
+  up a quarter of it: compacting copies the whole cache, so doing it at every finished row would
+  cost more than the few padded attention rows it saves.
 * Log-probabilities are recorded under the sampling temperature with plain temperature sampling
-  (the rollout offers no top-k/top-p), so they are exactly the ones the training forward computes: the
-  first PPO ratio is exactly 1.
+  (the rollout offers no top-k/top-p), so they are exactly the ones the training forward
+  computes: the first PPO ratio is exactly 1.
 """
 from __future__ import annotations
 
 import json
-from collections import deque
 from typing import Callable
 
 import torch
@@ -41,32 +37,36 @@ from model import ArgumentParser, UserError, check_device, load_pretrained, run_
 from rewards import RewardConfig
 
 
+def _forward(model, feeds: list[list[int]], cache) -> torch.Tensor:
+    """One ragged step: row r of the cache gets the tokens feeds[r] (possibly none). Returns the
+    logits (rows, V) after each row's last token (garbage for a row fed nothing)."""
+    device = cache.pos.device
+    lengths = torch.tensor([len(f) for f in feeds], device=device)
+    ids = torch.zeros(len(feeds), max(1, int(lengths.max())), dtype=torch.long)
+    for r, f in enumerate(feeds):
+        ids[r, :len(f)] = torch.tensor(f, dtype=torch.long)
+    hidden = model(ids.to(device), cache=cache, return_hidden=True, lengths=lengths)
+    last = (lengths - 1).clamp(min=0)
+    return model.logits(hidden[torch.arange(len(feeds), device=device), last])
+
+
 @torch.inference_mode()
 def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: int = 1,
-            layout: str = "stream", budget: int, temperature: float = 1.0,
+            layout: str = "stream", budget: int, temperature: float,
             generator: torch.Generator | None = None,
             on_token: Callable[[Episode], None] | None = None) -> list[Episode]:
     """Roll out ``group_size`` samples of each problem; returns B*G finished episodes.
 
     Episodes come grouped: rows b*G … b*G+G-1 are the samples of ``problems[b]``. ``budget`` caps
     the policy tokens of each row. ``temperature=0`` is greedy. ``on_token(episode)`` is called
-    after every token a row receives after its prompt (``adasr.LiveView`` prints the stream).
+    whenever a row's episode grows after its prompt (``LiveView`` prints the stream).
     """
     device = next(model.parameters()).device
     B, G = len(problems), group_size
     blocks = [protocol.blocks(p, layout) for p in problems]
-
-    # Prefill block 0 of every problem in one right-padded forward.
-    lens = [len(b[0][0]) for b in blocks]
-    rest = [sum(len(ids) for ids, _ in b[1:]) + budget for b in blocks]
-    cache = model.new_cache(B, max(lens) + max(rest))   # a finished row may run on until compaction
-    ids = torch.zeros(B, max(lens), dtype=torch.long, device=device)
-    for b, blk in enumerate(blocks):
-        ids[b, :lens[b]] = torch.tensor(blk[0][0])
-    lens_t = torch.tensor(lens, device=device)
-    hidden = model(ids, cache=cache, return_hidden=True)       # (B, T, D): project only the last
-    logits = model.logits(hidden[torch.arange(B, device=device), lens_t - 1])       # (B, V)
-    cache.pos.copy_(lens_t)
+    longest = max(sum(len(ids) for ids, _ in b) for b in blocks) + budget
+    cache = model.new_cache(B, longest)
+    logits = _forward(model, [b[0][0] for b in blocks], cache)      # prefill every prompt
 
     # Copy each prompt into its G rows.
     group = torch.arange(B, device=device).repeat_interleave(G)
@@ -80,51 +80,32 @@ def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: i
         streams.append(s)
 
     active = list(streams)              # the stream of each row of the cache, in cache order
-    n_done = 0                          # finished rows still in the cache
     while active:
         tokens, logps = sample(logits, temperature, generator=generator)
-        feed = []
+        feeds = []
         for s, tok, logp in zip(active, tokens.tolist(), logps.tolist()):
-            if s.done:                                      # waiting for compaction
-                feed.append(protocol.eoa)
+            if s.done:                              # finished, waiting for compaction
+                feeds.append([])
                 continue
-            if s.queue:                                   # the environment speaks
-                tok, ch = s.queue.popleft()
-                s.ep.append([tok], policy=False, phase=s.phase, chunk=ch)
-                feed.append(tok)
-            else:                                           # the model writes
-                deep = s.phase == DEEP
-                s.ep.append([tok], policy=True, phase=s.phase,
-                            chunk=len(s.ep.problem.chunks) if deep else s.block, logprobs=[logp])
-                s.n_policy += 1
-                feed.append(tok)
-                # The budget is checked first: a row whose budget-th token is <EOT> stops there.
-                if tok in protocol.stop_ids or s.n_policy >= budget:
-                    s.ep.truncated = tok not in protocol.stop_ids
-                    protocol.finish(s.ep)
-                    n_done += 1
-                elif not deep and tok == protocol.eot:      # thought done: next block arrives
-                    s.block += 1
-                    s.queue.extend(zip(*s.blocks[s.block]))
+            feeds.append(s.write(tok, logp, protocol, budget))
             if on_token is not None:
                 on_token(s.ep)
-        if 4 * n_done >= len(active):                       # compact: drop finished rows
+        if 4 * sum(s.done for s in active) >= len(active):       # compact: drop finished rows
             keep = [r for r, s in enumerate(active) if not s.done]
-            active, feed, n_done = [active[r] for r in keep], [feed[r] for r in keep], 0
-            if not active:
+            if not keep:
                 break
+            active, feeds = [active[r] for r in keep], [feeds[r] for r in keep]
             cache.select(torch.tensor(keep, device=device))
-        logits = model(torch.tensor(feed, device=device)[:, None], cache=cache)[:, -1]
+        logits = _forward(model, feeds, cache)
     return [s.ep for s in streams]
 
 
 class _Stream:
     """Bookkeeping of one row: its episode, its observation blocks, the index of the last block
-    fed, the observation tokens still queued (id, chunk), and how many tokens the policy wrote."""
+    fed, and how many tokens the policy wrote."""
 
     def __init__(self, ep: Episode, blocks: list[tuple[list[int], list[int]]]):
         self.ep, self.blocks, self.block = ep, blocks, 0
-        self.queue: deque[tuple[int, int]] = deque()
         self.n_policy = 0
 
     @property
@@ -135,6 +116,26 @@ class _Stream:
     @property
     def done(self) -> bool:
         return self.ep.parsed is not None
+
+    def write(self, tok: int, logp: float, protocol: Protocol, budget: int) -> list[int]:
+        """The model wrote ``tok``: record it, and return what the row feeds next — the token,
+        followed by the next observation block when it closed a thought; nothing once the row is
+        finished (stop token, or the budget: checked first, so a row whose budget-th token is
+        <EOT> stops there)."""
+        deep = self.phase == DEEP
+        self.ep.append([tok], policy=True, phase=self.phase,
+                       chunk=len(self.ep.problem.chunks) if deep else self.block, logprobs=[logp])
+        self.n_policy += 1
+        if tok in protocol.stop_ids or self.n_policy >= budget:
+            self.ep.truncated = tok not in protocol.stop_ids
+            protocol.finish(self.ep)
+            return []
+        if not deep and tok == protocol.eot:            # thought done: the next block arrives
+            self.block += 1
+            ids, chunks = self.blocks[self.block]
+            self.ep.append(ids, policy=False, phase=self.phase, chunk=chunks)
+            return [tok] + ids
+        return [tok]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,23 +149,28 @@ class LiveView:
 
     def __init__(self, protocol: Protocol):
         self.protocol = protocol
-        self.shown: dict[int, int] = {}        # id(episode) -> chunks printed (-1: not even the question)
+        self.shown: dict[int, list[int]] = {}   # id(episode) -> [chunks printed, thoughts printed]
 
     def __call__(self, ep: Episode) -> None:
         pr = self.protocol
-        shown = self.shown.setdefault(id(ep), -1)
-        if shown < 0:
+        if id(ep) not in self.shown:
             print(f"Question: {ep.problem.question}", flush=True)
+            self.shown[id(ep)] = [0, 0]
+        shown = self.shown[id(ep)]
         fed = sum(1 for t, pol in zip(ep.tokens, ep.policy) if not pol and t == pr.eos)
-        for k in range(max(shown, 0), fed):
-            print(pr.chunk_line(ep.problem, k), flush=True)
-        self.shown[id(ep)] = fed
+        closed = [c for t, pol, ph, c in zip(ep.tokens, ep.policy, ep.phase, ep.chunk)
+                  if pol and ph == STREAM and t == pr.eot]
+        # a thought closes before the next chunk is fed: interleave chunk k, thought k, ...
+        for k in range(len(ep.problem.chunks)):
+            if shown[0] <= k < fed:
+                print(pr.chunk_line(ep.problem, k), flush=True)
+                shown[0] += 1
+            if shown[1] <= k < len(closed):
+                ids = [t for t, pol, c in zip(ep.tokens, ep.policy, ep.chunk) if pol and c == k]
+                print(pr.thought_line(pr.text(ids[:-1]).strip()), flush=True)
+                shown[1] += 1
         if ep.parsed is not None:
             print("\n".join(pr.ending_lines(ep)) + "\n", flush=True)
-        elif ep.policy[-1] and ep.phase[-1] == STREAM and ep.tokens[-1] == pr.eot:
-            k = ep.chunk[-1]
-            ids = [t for t, pol, c in zip(ep.tokens, ep.policy, ep.chunk) if pol and c == k]
-            print(pr.thought_line(pr.text(ids[:-1]).strip()), flush=True)
 
 
 def episode_record(ep: Episode) -> dict:

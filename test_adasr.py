@@ -37,6 +37,28 @@ torch.set_num_threads(2)
 
 
 # =============================================================================================
+# Shared fixtures
+# =============================================================================================
+
+DATA = Path(__file__).parent.parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random tiny model, its BPE tokenizer (with the markers) and a protocol."""
+    problems = make_synthetic(48, seed=1)
+    texts = [INSTRUCTION] + [" ".join([p.question, *p.chunks, *p.thoughts, p.deep, p.rtt_deep])
+                             for p in problems]
+    tok = train_bpe(texts, 320, special_tokens=MARKERS)
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(tok.vocab_size, dim=32, n_layers=2))
+    init_weights(model, 0)
+    add_markers(model, tok)
+    return model.eval(), tok, Protocol(tok, wpm=150, decode_tps=20), problems
+
+
+# =============================================================================================
 # model.py — decoder, KV cache, loading, tokenizer, saving, sampling
 # =============================================================================================
 
@@ -63,26 +85,25 @@ def test_cache_prefill_then_decode_matches_uncached():
     assert cache.pos.tolist() == [12, 12]
 
 
-def test_cache_ragged_prefill_rewind_matches_each_row_alone():
-    """Right-padded prefill of rows of different lengths, then cache.pos = lengths (the rewind):
-    decoding continues exactly as if each row had been prefilled alone."""
+def test_cache_ragged_steps_match_each_row_alone():
+    """Ragged steps: each row gets its own number of new tokens per step (a prompt, one token, a
+    whole chunk, or none), and every row's logits equal those of the row run alone."""
     m = small_model()
-    lengths = torch.tensor([3, 7, 5])
-    rows = [torch.randint(0, 97, (int(n) + 4,)) for n in lengths]  # prompt + 4 decode tokens
-    batch = torch.zeros(3, 7, dtype=torch.long)  # pad id 0; pads are overwritten later
-    for b, n in enumerate(lengths):
-        batch[b, :n] = rows[b][:n]
-    cache = m.new_cache(3, 12)
-    prefill = m(batch, cache)
-    cache.pos = lengths.clone()
-    steps = [prefill[torch.arange(3), lengths - 1]]
-    for t in range(4):
-        tok = torch.stack([rows[b][lengths[b] + t] for b in range(3)])[:, None]
-        steps.append(m(tok, cache)[:, 0])
-    for b, n in enumerate(lengths):
-        alone = m(rows[b][None])[0, n - 1:]  # logits from the last prompt token on
-        got = torch.stack([s[b] for s in steps])
-        assert (got - alone).abs().max() <= 1e-5
+    rows = [torch.randint(0, 97, (14,)) for _ in range(3)]
+    steps = [[3, 7, 5], [1, 0, 4], [4, 1, 1], [1, 3, 0]]         # tokens per row per step
+    cache = m.new_cache(3, 14)
+    done = [0, 0, 0]
+    for lengths in steps:
+        ids = torch.zeros(3, max(lengths), dtype=torch.long)
+        for b, n in enumerate(lengths):
+            ids[b, :n] = rows[b][done[b]:done[b] + n]
+        out = m(ids, cache, lengths=torch.tensor(lengths))
+        for b, n in enumerate(lengths):
+            alone = m(rows[b][None, :done[b] + n])[0, done[b]:]
+            assert torch.allclose(out[b, :n], alone, atol=1e-5)
+            assert not out[b, n:].any()                          # padding stays zero
+            done[b] += n
+    assert cache.pos.tolist() == done
 
 
 def test_cache_select_copies_prompt_into_G_rows():
@@ -128,6 +149,41 @@ def test_gradient_checkpointing_gives_same_gradients():
         m(ids).logsumexp(-1).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_packed_training_forward_equals_the_padded_one(recompute):
+    """With ``lengths`` the training forward computes the real tokens only (no matmul on the
+    padding): the same outputs there, and the same gradients, as the padded forward."""
+    m = small_model().train()
+    m.gradient_checkpointing = recompute
+    ids, lengths = torch.randint(0, 97, (3, 9)), torch.tensor([9, 4, 6])
+    real = torch.arange(9) < lengths[:, None]
+    outs, grads = [], []
+    for kw in ({}, {"lengths": lengths}):
+        m.zero_grad()
+        out = m(ids, **kw)
+        (out[real] * torch.linspace(-1, 1, 97)).sum().backward()
+        outs.append(out[real])
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(grads[0], grads[1], atol=1e-5)
+    assert not m(ids, lengths=lengths)[~real].any()             # padding stays zero
+
+
+def test_cpu_autocast_cache_holds_bf16_and_matches_the_autocast_forward():
+    """Under bf16 autocast the KV cache takes the dtype the forward produces, and a cached
+    (ragged) forward agrees with the uncached autocast forward to bf16 rounding."""
+    m = small_model()
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = m(ids)
+        cache = m.new_cache(2, 10)
+        assert cache.k.dtype == torch.bfloat16
+        got = torch.cat([m(ids[:, :4], cache)] + [m(ids[:, t:t + 1], cache) for t in range(4, 10)], 1)
+    assert full.dtype == got.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: agreement to a few percent of the logits' range
+    assert (got - full).abs().max() <= 0.03 * full.abs().max()
+    assert m.new_cache(1, 4).k.dtype == torch.float32          # outside autocast: the weights'
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -467,12 +523,156 @@ def test_smollm2_logits_match_transformers(smollm2):
         assert (model(ids) - hf(ids).logits).abs().max() <= 1e-3
 
 # =============================================================================================
-# data.py — problems from files and from the generator
+# adasr.py — answers, the protocol, gold episodes, parsing, the latency clock
 # =============================================================================================
 
-DATA = Path(__file__).parent.parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
+@pytest.mark.parametrize("text, boxes", [
+    (r"so \boxed{5}", ["5"]),
+    (r"\box{285}.", ["285"]),
+    (r"\boxed{\frac{1}{2}} then \boxed{3}", [r"\frac{1}{2}", "3"]),
+    (r"\boxed{{nested} braces}", ["{nested} braces"]),
+    (r"\boxed{unclosed", []),
+    ("no box at all", []),
+])
+def test_boxed_contents(text, boxes):
+    assert boxed_contents(text) == boxes
+    assert extract_answer(text) == (boxes[-1] if boxes else None)
 
+
+@pytest.mark.parametrize("a, b, equal", [
+    ("1,000", "1000", True), ("$1,000.00", "1000", True), ("12.0", "12", True),
+    ("3/6", "1/2", True), (r"\frac{2}{4}", "0.5", True), (r"\dfrac{3}{4}", "0.75", True),
+    ("50%", "50", True), ("5 apples", "5", True), (r"\text{5 km}", "5", True),
+    ("-7", "-7.0", True), ("Paris.", "paris", True),
+    ("5", "6", False), ("1, 2", "12", False), ("0.333", "1/3", False), ("", "0", False),
+])
+def test_normalize_answer(a, b, equal):
+    assert (normalize_answer(a) == normalize_answer(b)) is equal
+    assert answers_match(a, b) is equal
+    assert not answers_match(None, b)
+
+
+# --- the protocol
+
+
+def test_gold_stream_episode_structure(tiny):
+    _, tok, protocol, problems = tiny
+    p = problems[0]
+    ep = protocol.gold(p, "stream")
+    K = len(p.chunks)
+    assert len(ep.tokens) == len(ep.policy) == len(ep.phase) == len(ep.chunk) == len(ep.logprobs)
+    # observations are exactly the blocks, in order; policy tokens are exactly thoughts + deep
+    obs = [t for t, pol in zip(ep.tokens, ep.policy) if not pol]
+    assert obs == sum((ids for ids, _ in protocol.blocks(p, "stream")), [])
+    assert not any(pol and t in (protocol.eos, protocol.eoq, protocol.eoi)
+                   for t, pol in zip(ep.tokens, ep.policy))
+    assert all(pol for t, pol in zip(ep.tokens, ep.policy) if t in (protocol.eot, protocol.eor))
+    # one <EOT> per chunk, each in the streaming phase, labelled with its chunk
+    eots = [(ph, ch) for t, ph, ch in zip(ep.tokens, ep.phase, ep.chunk) if t == protocol.eot]
+    assert eots == [(STREAM, k) for k in range(K)]
+    assert ep.tokens.index(protocol.eoi) < ep.tokens.index(protocol.eor)
+    assert all(ph == DEEP and ch == K for ph, ch, pol, t in
+               zip(ep.phase, ep.chunk, ep.policy, range(len(ep.tokens)))
+               if pol and t > ep.tokens.index(protocol.eoi))
+    parsed = ep.parsed
+    assert parsed.valid, parsed.stream_errors + parsed.deep_errors
+    assert parsed.thoughts == [t.strip() for t in p.thoughts]
+    assert parsed.skips == [t == "" for t in p.thoughts]
+    assert parsed.answer == p.answer and parsed.deep == p.deep.strip()
+    assert score(ep, RewardConfig()).acc == 1.0
+
+
+def test_gold_read_then_think_puts_all_thinking_after_the_stream(tiny):
+    _, _, protocol, problems = tiny
+    p = problems[1]
+    ep = protocol.gold(p, "read_then_think")
+    eoi = ep.tokens.index(protocol.eoi)
+    assert not any(ep.policy[:eoi + 1]) and all(ep.policy[eoi + 1:])
+    assert set(ep.phase[eoi + 1:]) == {DEEP}
+    assert ep.parsed.valid and ep.parsed.answer == p.answer
+    assert ep.parsed.skips == [True] * len(p.chunks)
+    assert ep.residual_tokens == ep.deep_tokens == sum(ep.policy)      # the user waits for all
+    assert ep.residual_s == pytest.approx(sum(ep.policy) / protocol.decode_tps)
+
+
+def _hand_episode(protocol, problem, thoughts, deep_ids, layout="stream", truncated=False):
+    """Episode with the problem's real observation blocks and hand-written policy token lists."""
+    ep = protocol.episode(problem, layout)
+    blocks = protocol.blocks(problem, layout)
+    for j, (ids, chunks) in enumerate(blocks):
+        ep.append(ids, policy=False, phase=STREAM if j < len(blocks) - 1 else DEEP, chunk=chunks)
+        if j < len(blocks) - 1 and j < len(thoughts):
+            ep.append(thoughts[j], policy=True, phase=STREAM, chunk=j)
+    ep.append(deep_ids, policy=True, phase=DEEP, chunk=len(problem.chunks))
+    ep.truncated = truncated
+    return protocol.finish(ep)
+
+
+def _format_cases(pr, tok):
+    think, skip = tok.encode(" ok") + [pr.eot], [pr.eot]
+    deep = tok.encode(" so") + [pr.eor] + tok.encode(r" \boxed{3}") + [pr.eoa]
+    return {
+        "valid": ([think, skip], deep, False, None),
+        "marker in thought": ([tok.encode(" ok") + [pr.eor, pr.eot], skip], deep, False,
+                              "marker <EOR> inside the thought"),
+        "thought without <EOT> (stopped)": ([think, tok.encode(" ok") + [pr.eoa]], [], False,
+                                            "does not end with <EOT>"),
+        "two <EOR>": ([think, skip], tok.encode(" a") + [pr.eor, pr.eor] + tok.encode(r"\boxed{3}")
+                      + [pr.eoa], False, "2 <EOR> markers"),
+        "no box": ([think, skip], tok.encode(" a") + [pr.eor] + tok.encode(" 3") + [pr.eoa], False,
+                   "0 boxed answers"),
+        "two boxes": ([think, skip], tok.encode(" a") + [pr.eor] + tok.encode(r"\boxed{3} \boxed{4}")
+                      + [pr.eoa], False, "2 boxed answers"),
+        "no <EOA>": ([think, skip], deep[:-1], True, "does not end with <EOA>"),
+        "truncated": ([think, skip], deep[:-1], True, "truncated at the token budget"),
+        "<EOT> in deep": ([think, skip], tok.encode(" a") + [pr.eot, pr.eor] + tok.encode(r"\boxed{3}")
+                          + [pr.eoa], False, "marker <EOT> inside the deep phase"),
+    }
+
+
+@pytest.mark.parametrize("case", ["valid", "marker in thought", "thought without <EOT> (stopped)",
+                                  "two <EOR>", "no box", "two boxes", "no <EOA>", "truncated",
+                                  "<EOT> in deep"])
+def test_format_validity(tiny, case):
+    _, tok, pr, _ = tiny
+    problem = Problem("t", "How many?", ["Tom has 3.", "It rains."], "3", relevant=[True, False])
+    thoughts, deep, truncated, error = _format_cases(pr, tok)[case]
+    ep = _hand_episode(pr, problem, thoughts, deep, truncated=truncated)
+    errors = ep.parsed.stream_errors + ep.parsed.deep_errors
+    r = score(ep, RewardConfig())
+    if error is None:
+        assert ep.parsed.valid and ep.parsed.answer == "3" and ep.parsed.skips == [False, True]
+        assert (r.fmt, r.acc) == (0.0, 1.0)
+    else:
+        assert any(error in e for e in errors), errors
+        assert (r.fmt, r.acc) == (-1.0, 0.0)
+
+
+def test_clock_hand_computed(tiny):
+    """wpm 60 → 1 word/s; decode 2 tok/s → 0.5 s/token. Chunks of 2, 3, 1 words arrive at
+    2, 5, 6 s. Thought 0 (2 tokens) runs 2→3: fits. Thought 1 (6 tokens) runs 5→8: the tokens
+    finished at 6.5, 7, 7.5, 8 spill past a_last = 6. Chunk 2 arrives at 6 but waits for the model
+    until 8; its skip finishes at 8.5. Deep (3 tokens) finishes at 9, 9.5, 10."""
+    _, tok, pr, _ = tiny
+    clock = Protocol(tok, wpm=60, decode_tps=2)
+    problem = Problem("t", "How many?", ["a b", "c d e", "f"], "1")
+    x = tok.encode(" x")[0]
+    ep = _hand_episode(clock, problem, [[x, pr.eot], [x] * 5 + [pr.eot], [pr.eot]], [x, x, pr.eoa])
+    assert ep.arrivals == [2.0, 5.0, 6.0]
+    policy_times = [t for t, pol in zip(ep.times, ep.policy) if pol]
+    assert policy_times == [2.5, 3.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0, 8.5, 9.0, 9.5, 10.0]
+    assert (ep.stream_tokens, ep.deep_tokens) == (9, 3)
+    assert ep.spill_tokens == 5                      # 4 of thought 1 + the skip of chunk 2
+    assert ep.residual_tokens == 8 and ep.residual_s == pytest.approx(4.0)
+    # read-then-think on the same clock: every token after a_last = 6
+    rtt = _hand_episode(clock, problem, [], [x] * 4 + [pr.eoa], layout="read_then_think")
+    assert [t for t, pol in zip(rtt.times, rtt.policy) if pol] == [6.5, 7.0, 7.5, 8.0, 8.5]
+    assert rtt.residual_tokens == 5 and rtt.residual_s == pytest.approx(2.5)
+
+
+# =============================================================================================
+# data.py — problems from files and from the generator
+# =============================================================================================
 
 # --- sentences ---------------------------------------------------------------------------------
 
@@ -883,39 +1083,74 @@ EVENT = re.compile(r"(\w+) (have|has|buys?|finds?|loses?|gives?) (\d+) (\w+)(?: 
 
 
 def simulate(problem):
-    """Re-derive (answer, relevant flags) from the sentences alone, independently of data.py."""
-    item = re.fullmatch(r"How many (\w+) do you have at the end\?", problem.question)[1]
-    count, relevant = None, []
+    """Re-derive (answer, relevant flags) from the sentences alone, independently of data.py:
+    whose counts of which items the question asks about, then every event that changes one."""
+    q = problem.question
+    if m := re.fullmatch(r"How many more (\w+) than (\w+) do you have at the end\?", q):
+        targets = [("You", m[1]), ("You", m[2])]
+    elif m := re.fullmatch(r"How many (\w+) does (\w+) have at the end\?", q):
+        targets = [(m[2], m[1])]
+    else:
+        targets = [("You", re.fullmatch(r"How many (\w+) do you have at the end\?", q)[1])]
+    targets = [(who, item.rstrip("s")) for who, item in targets]
+    counts, relevant = {}, []
     for i, chunk in enumerate(problem.chunks):
         m = EVENT.fullmatch(chunk)
-        mine = bool(m) and m[1] == "You" and m[4].rstrip("s") == item.rstrip("s")
-        assert m is None or m[5] != "You", "nobody gives to you"
-        assert mine or i > 0, "the first chunk states your count"
-        if mine:
+        key = (m[1], m[4].rstrip("s")) if m else None
+        assert m is None or m[5] not in {who for who, _ in targets}, "nobody gives to the target"
+        if key in targets:
             k = int(m[3])
-            count = k if m[2] == "have" else count + (k if m[2] in ("buy", "find") else -k)
-            assert 0 <= count <= 12
-        relevant.append(mine)
-    return str(count), relevant
+            counts[key] = k if m[2] in ("have", "has") else \
+                counts[key] + (k if m[2].rstrip("s") in ("buy", "find") else -k)
+            assert 0 <= counts[key] <= 20
+        else:
+            assert i >= len(targets), "the first chunks state the counts"
+        relevant.append(key in targets)
+    answer = counts[targets[0]] - counts[targets[1]] if len(targets) == 2 else counts[targets[0]]
+    return str(answer), relevant
 
 
 def test_synthetic_is_deterministic_and_seed_dependent():
     assert make_synthetic(50, 3) == make_synthetic(50, 3)
     assert make_synthetic(5, 3) == make_synthetic(50, 3)[:5]  # problem i depends on (seed, i) only
     assert make_synthetic(50, 3) != make_synthetic(50, 4)
+    assert make_synthetic(50, 3, task="pair") != make_synthetic(50, 3)
 
 
-def test_synthetic_answers_and_flags_match_a_resimulation():
-    for p in make_synthetic(500, 0):
+@pytest.mark.parametrize("task, n_chunks, max_count", [("you", (4, 7), 12), ("named", (4, 7), 12),
+                                                      ("pair", (8, 12), 20)])
+def test_synthetic_answers_and_flags_match_a_resimulation(task, n_chunks, max_count):
+    for p in make_synthetic(500, 0, task=task):
         assert (p.answer, p.relevant) == simulate(p)
-        assert 4 <= len(p.chunks) <= 7
+        assert n_chunks[0] <= len(p.chunks) <= n_chunks[1] and 0 <= int(p.answer) <= max_count
         assert len(p.thoughts) == len(p.relevant) == len(p.chunks)
+        assert p.rtt_deep.endswith(f"The answer is {p.answer}.")
+        if task == "pair":          # the deep phase has necessary work: the difference
+            assert re.search(rf"\d+ - \d+ = {p.answer}\. The answer is {p.answer}\.$", p.deep)
+            continue
         for thought, relevant in zip(p.thoughts[1:], p.relevant[1:]):
             running = re.fullmatch(r"\d+ [+-] \d+ = (\d+)\.|No change, still (\d+)\.|", thought)
             assert running and (relevant == (running[1] is not None))
         assert [t for t in p.thoughts if t][-1].endswith(f" {p.answer}.")  # copyable state
-        assert p.rtt_deep.endswith(f"The answer is {p.answer}.")
         assert p.deep in (p.rtt_deep, f"The answer is {p.answer}.")
+
+
+def test_named_task_distractors_need_the_question_to_tell_apart():
+    """Irrelevant chunks of the named task: the target with another item, another person with
+    the target's item, and filler — so a chunk's relevance depends on the question."""
+    kinds = {"target, other item": 0, "other person, target's item": 0, "filler": 0}
+    for p in make_synthetic(300, 0, task="named"):
+        item, target = re.fullmatch(r"How many (\w+) does (\w+) have at the end\?", p.question).groups()
+        for chunk, relevant in zip(p.chunks, p.relevant):
+            m = EVENT.fullmatch(chunk)
+            if relevant:
+                continue
+            if m is None:
+                kinds["filler"] += 1
+            else:
+                assert (m[1] == target) != (m[4].rstrip("s") == item.rstrip("s"))
+                kinds["target, other item" if m[1] == target else "other person, target's item"] += 1
+    assert min(kinds.values()) > 0.15 * sum(kinds.values()), kinds
 
 
 @pytest.mark.parametrize("share", [0.0, 0.4, 0.8])
@@ -951,168 +1186,10 @@ def test_synthetic_splits_are_disjoint(monkeypatch):
     assert len(test) == 50 and not any((p.question, tuple(p.chunks)) in keys for p in test)
     assert test != make_synthetic(50, "0/test", **small)  # some candidates were passed over
 
-# =============================================================================================
-# rewards.py — answer extraction and normalisation (and the tiny model later sections share)
-# =============================================================================================
-
-@pytest.fixture(scope="module")
-def tiny():
-    """A random tiny model, its BPE tokenizer (with the markers) and a protocol."""
-    problems = make_synthetic(48, seed=1)
-    texts = [INSTRUCTION] + [" ".join([p.question, *p.chunks, *p.thoughts, p.deep, p.rtt_deep])
-                             for p in problems]
-    tok = train_bpe(texts, 320, special_tokens=MARKERS)
-    torch.manual_seed(0)
-    model = Transformer(tiny_config(tok.vocab_size, dim=32, n_layers=2))
-    init_weights(model, 0)
-    add_markers(model, tok)
-    return model.eval(), tok, Protocol(tok, wpm=150, decode_tps=20), problems
-
-
-@pytest.mark.parametrize("text, boxes", [
-    (r"so \boxed{5}", ["5"]),
-    (r"\box{285}.", ["285"]),
-    (r"\boxed{\frac{1}{2}} then \boxed{3}", [r"\frac{1}{2}", "3"]),
-    (r"\boxed{{nested} braces}", ["{nested} braces"]),
-    (r"\boxed{unclosed", []),
-    ("no box at all", []),
-])
-def test_boxed_contents(text, boxes):
-    assert boxed_contents(text) == boxes
-    assert extract_answer(text) == (boxes[-1] if boxes else None)
-
-
-@pytest.mark.parametrize("a, b, equal", [
-    ("1,000", "1000", True), ("$1,000.00", "1000", True), ("12.0", "12", True),
-    ("3/6", "1/2", True), (r"\frac{2}{4}", "0.5", True), (r"\dfrac{3}{4}", "0.75", True),
-    ("50%", "50", True), ("5 apples", "5", True), (r"\text{5 km}", "5", True),
-    ("-7", "-7.0", True), ("Paris.", "paris", True),
-    ("5", "6", False), ("1, 2", "12", False), ("0.333", "1/3", False), ("", "0", False),
-])
-def test_normalize_answer(a, b, equal):
-    assert (normalize_answer(a) == normalize_answer(b)) is equal
-    assert answers_match(a, b) is equal
-    assert not answers_match(None, b)
-
 
 # =============================================================================================
-# adasr.py — protocol, gold episodes, parsing, the latency clock
+# rewards.py — the rewards of an episode, the evaluation summary
 # =============================================================================================
-
-def test_gold_stream_episode_structure(tiny):
-    _, tok, protocol, problems = tiny
-    p = problems[0]
-    ep = protocol.gold(p, "stream")
-    K = len(p.chunks)
-    assert len(ep.tokens) == len(ep.policy) == len(ep.phase) == len(ep.chunk) == len(ep.logprobs)
-    # observations are exactly the blocks, in order; policy tokens are exactly thoughts + deep
-    obs = [t for t, pol in zip(ep.tokens, ep.policy) if not pol]
-    assert obs == sum((ids for ids, _ in protocol.blocks(p, "stream")), [])
-    assert not any(pol and t in (protocol.eos, protocol.eoq, protocol.eoi)
-                   for t, pol in zip(ep.tokens, ep.policy))
-    assert all(pol for t, pol in zip(ep.tokens, ep.policy) if t in (protocol.eot, protocol.eor))
-    # one <EOT> per chunk, each in the streaming phase, labelled with its chunk
-    eots = [(ph, ch) for t, ph, ch in zip(ep.tokens, ep.phase, ep.chunk) if t == protocol.eot]
-    assert eots == [(STREAM, k) for k in range(K)]
-    assert ep.tokens.index(protocol.eoi) < ep.tokens.index(protocol.eor)
-    assert all(ph == DEEP and ch == K for ph, ch, pol, t in
-               zip(ep.phase, ep.chunk, ep.policy, range(len(ep.tokens)))
-               if pol and t > ep.tokens.index(protocol.eoi))
-    parsed = ep.parsed
-    assert parsed.valid, parsed.stream_errors + parsed.deep_errors
-    assert parsed.thoughts == [t.strip() for t in p.thoughts]
-    assert parsed.skips == [t == "" for t in p.thoughts]
-    assert parsed.answer == p.answer and parsed.deep == p.deep.strip()
-    assert score(ep, RewardConfig()).acc == 1.0
-
-
-def test_gold_read_then_think_puts_all_thinking_after_the_stream(tiny):
-    _, _, protocol, problems = tiny
-    p = problems[1]
-    ep = protocol.gold(p, "read_then_think")
-    eoi = ep.tokens.index(protocol.eoi)
-    assert not any(ep.policy[:eoi + 1]) and all(ep.policy[eoi + 1:])
-    assert set(ep.phase[eoi + 1:]) == {DEEP}
-    assert ep.parsed.valid and ep.parsed.answer == p.answer
-    assert ep.parsed.skips == [True] * len(p.chunks)
-    assert ep.residual_tokens == ep.deep_tokens == sum(ep.policy)      # the user waits for all
-    assert ep.residual_s == pytest.approx(sum(ep.policy) / protocol.decode_tps)
-
-
-def _hand_episode(protocol, problem, thoughts, deep_ids, layout="stream", truncated=False):
-    """Episode with the problem's real observation blocks and hand-written policy token lists."""
-    ep = protocol.episode(problem, layout)
-    blocks = protocol.blocks(problem, layout)
-    for j, (ids, chunks) in enumerate(blocks):
-        ep.append(ids, policy=False, phase=STREAM if j < len(blocks) - 1 else DEEP, chunk=chunks)
-        if j < len(blocks) - 1 and j < len(thoughts):
-            ep.append(thoughts[j], policy=True, phase=STREAM, chunk=j)
-    ep.append(deep_ids, policy=True, phase=DEEP, chunk=len(problem.chunks))
-    ep.truncated = truncated
-    return protocol.finish(ep)
-
-
-def _format_cases(pr, tok):
-    think, skip = tok.encode(" ok") + [pr.eot], [pr.eot]
-    deep = tok.encode(" so") + [pr.eor] + tok.encode(r" \boxed{3}") + [pr.eoa]
-    return {
-        "valid": ([think, skip], deep, False, None),
-        "marker in thought": ([tok.encode(" ok") + [pr.eor, pr.eot], skip], deep, False,
-                              "marker <EOR> inside the thought"),
-        "thought without <EOT> (stopped)": ([think, tok.encode(" ok") + [pr.eoa]], [], False,
-                                            "does not end with <EOT>"),
-        "two <EOR>": ([think, skip], tok.encode(" a") + [pr.eor, pr.eor] + tok.encode(r"\boxed{3}")
-                      + [pr.eoa], False, "2 <EOR> markers"),
-        "no box": ([think, skip], tok.encode(" a") + [pr.eor] + tok.encode(" 3") + [pr.eoa], False,
-                   "0 boxed answers"),
-        "two boxes": ([think, skip], tok.encode(" a") + [pr.eor] + tok.encode(r"\boxed{3} \boxed{4}")
-                      + [pr.eoa], False, "2 boxed answers"),
-        "no <EOA>": ([think, skip], deep[:-1], True, "does not end with <EOA>"),
-        "truncated": ([think, skip], deep[:-1], True, "truncated at the token budget"),
-        "<EOT> in deep": ([think, skip], tok.encode(" a") + [pr.eot, pr.eor] + tok.encode(r"\boxed{3}")
-                          + [pr.eoa], False, "marker <EOT> inside the deep phase"),
-    }
-
-
-@pytest.mark.parametrize("case", ["valid", "marker in thought", "thought without <EOT> (stopped)",
-                                  "two <EOR>", "no box", "two boxes", "no <EOA>", "truncated",
-                                  "<EOT> in deep"])
-def test_format_validity(tiny, case):
-    _, tok, pr, _ = tiny
-    problem = Problem("t", "How many?", ["Tom has 3.", "It rains."], "3", relevant=[True, False])
-    thoughts, deep, truncated, error = _format_cases(pr, tok)[case]
-    ep = _hand_episode(pr, problem, thoughts, deep, truncated=truncated)
-    errors = ep.parsed.stream_errors + ep.parsed.deep_errors
-    r = score(ep, RewardConfig())
-    if error is None:
-        assert ep.parsed.valid and ep.parsed.answer == "3" and ep.parsed.skips == [False, True]
-        assert (r.fmt, r.acc) == (0.0, 1.0)
-    else:
-        assert any(error in e for e in errors), errors
-        assert (r.fmt, r.acc) == (-1.0, 0.0)
-
-
-def test_clock_hand_computed(tiny):
-    """wpm 60 → 1 word/s; decode 2 tok/s → 0.5 s/token. Chunks of 2, 3, 1 words arrive at
-    2, 5, 6 s. Thought 0 (2 tokens) runs 2→3: fits. Thought 1 (6 tokens) runs 5→8: the tokens
-    finished at 6.5, 7, 7.5, 8 spill past a_last = 6. Chunk 2 arrives at 6 but waits for the model
-    until 8; its skip finishes at 8.5. Deep (3 tokens) finishes at 9, 9.5, 10."""
-    _, tok, pr, _ = tiny
-    clock = Protocol(tok, wpm=60, decode_tps=2)
-    problem = Problem("t", "How many?", ["a b", "c d e", "f"], "1")
-    x = tok.encode(" x")[0]
-    ep = _hand_episode(clock, problem, [[x, pr.eot], [x] * 5 + [pr.eot], [pr.eot]], [x, x, pr.eoa])
-    assert ep.arrivals == [2.0, 5.0, 6.0]
-    policy_times = [t for t, pol in zip(ep.times, ep.policy) if pol]
-    assert policy_times == [2.5, 3.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0, 8.5, 9.0, 9.5, 10.0]
-    assert (ep.stream_tokens, ep.deep_tokens) == (9, 3)
-    assert ep.spill_tokens == 5                      # 4 of thought 1 + the skip of chunk 2
-    assert ep.residual_tokens == 8 and ep.residual_s == pytest.approx(4.0)
-    # read-then-think on the same clock: every token after a_last = 6
-    rtt = _hand_episode(clock, problem, [], [x] * 4 + [pr.eoa], layout="read_then_think")
-    assert [t for t, pol in zip(rtt.times, rtt.policy) if pol] == [6.5, 7.0, 7.5, 8.0, 8.5]
-    assert rtt.residual_tokens == 5 and rtt.residual_s == pytest.approx(2.5)
-
 
 def test_rewards_hand_computed(tiny):
     _, tok, _, _ = tiny
@@ -1184,8 +1261,8 @@ class _Steered(torch.nn.Module):
     def new_cache(self, *a):
         return self.model.new_cache(*a)
 
-    def forward(self, ids, cache=None, return_hidden=False):
-        h = self.model(ids, cache=cache, return_hidden=True)
+    def forward(self, ids, cache=None, return_hidden=False, lengths=None):
+        h = self.model(ids, cache=cache, return_hidden=True, lengths=lengths)
         hit = torch.ones_like(ids, dtype=torch.bool) if self.everywhere else \
             torch.isin(ids, torch.tensor(sorted(self.after)))
         h = torch.cat([h, hit[..., None].float()], -1)
@@ -1212,6 +1289,23 @@ def test_rollout_records_skips_observations_and_truncation(tiny):
     assert ep.truncated and sum(ep.policy) == 10 and not ep.parsed.valid
     assert "truncated at the token budget" in ep.parsed.stream_errors
     assert all(t == tok_x for t, pol in zip(ep.tokens, ep.policy) if pol)
+
+
+@pytest.mark.parametrize("budget", [1, 3, 8, 40])
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_budget_holds_for_a_model_that_always_writes_eot(tiny, budget, group_size):
+    """<EOT> after <EOT>: every chunk skipped, then <EOT> in the deep phase forever. No row may
+    write more than the budget, whatever the budget-th token is, and the cache never overflows."""
+    model, _, pr, problems = tiny
+    eot_model = _Steered(model, set(), pr.eot, everywhere=True)
+    episodes = rollout(eot_model, pr, problems[:2], group_size=group_size, budget=budget,
+                       temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert len(episodes) == 2 * group_size
+    for ep in episodes:
+        assert sum(ep.policy) == budget and ep.truncated and not ep.parsed.valid
+        assert all(t == pr.eot for t, pol in zip(ep.tokens, ep.policy) if pol)
+        K = len(ep.problem.chunks)
+        assert ep.parsed.skips[:min(budget, K)] == [True] * min(budget, K)
 
 
 def test_read_then_think_rollout_thinks_after_the_last_chunk(tiny):
@@ -1292,7 +1386,11 @@ def test_clipped_loss_by_hand():
     #   0.5·-1: min(-0.5, -0.8) → 0.8 (clipped) ; 0.5·1: min(0.5, 0.8) → -0.5 ; 1.5·-1 → 1.5
     expected = (-2 + 1.1 - 1.28 + 0.8 - 0.5 + 1.5) / 10
     assert float(loss.detach()) == pytest.approx(expected, abs=1e-6)
+    # clipped on the side that matters for the sign: token 2 above 1.28 with A > 0 (high), token 3
+    # below 0.8 with A < 0 (low); token 4 (0.5, A > 0) and token 5 (1.5, A < 0) are not clipped
     assert stats["clip_high"] == 1 and stats["clip_low"] == 1
+    assert stats["ratio_dev"] == pytest.approx(0 + 0.1 + 0.5 + 0.5 + 0.5 + 0.5)
+    assert stats["kl_rollout"] == pytest.approx(float((ratio - 1 - ratio.log()).sum()))
     loss.backward()
     # clipped tokens (index 2 and 3) get no gradient; the others d/dlogp = -ρA/N
     assert torch.allclose(logp.grad, torch.tensor([-0.2, 0.11, 0.0, 0.0, -0.05, 0.15]), atol=1e-6)
@@ -1341,6 +1439,38 @@ def test_micro_batches_give_the_full_batch_gradient(tiny):
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
 
 
+def test_mini_batches_take_several_updates_and_the_clip_acts_from_the_second(tiny):
+    """M = 1: one update, ratio exactly 1 (π_old is the rollout's policy). M = 2 with a large
+    learning rate: the second update sees a moved policy, |ρ − 1| > 0 and the clip acts; with
+    E = 2 epochs there are four updates."""
+    import copy
+    model, _, pr, problems = tiny
+    episodes = rollout(model, pr, problems[:4], group_size=4, budget=40, temperature=1.0,
+                       generator=torch.Generator().manual_seed(6))
+    rng = random.Random(0)
+    rewards = [Rewards(0, 0, 0, total=rng.random(), stream=rng.random(), deep=rng.random())
+               for _ in episodes]
+    adv = advantages(rewards, 4, 0.25)
+    runs = {}
+    for M, E in [(1, 1), (2, 1), (2, 2)]:
+        m = copy.deepcopy(model)
+        runs[M, E] = rl_update(m, torch.optim.SGD(m.parameters(), lr=5.0), episodes, adv, 4,
+                               HRPOConfig(mini_batches=M, epochs=E), micro_batch=8)
+    assert runs[1, 1]["updates"] == 1 and runs[1, 1]["ratio_dev"] <= 1e-6
+    assert runs[1, 1]["clip_low"] == runs[1, 1]["clip_high"] == 0
+    assert runs[2, 1]["updates"] == 2 and runs[2, 1]["ratio_dev"] > 1e-3
+    assert runs[2, 1]["kl_rollout"] > 0
+    assert runs[2, 2]["updates"] == 4 and runs[2, 2]["ratio_dev"] > runs[2, 1]["ratio_dev"]
+    assert runs[2, 2]["clip_low"] + runs[2, 2]["clip_high"] > 0
+
+
+def test_split_groups_keeps_whole_groups_in_order():
+    from hrpo import split_groups
+    assert split_groups(8, 3) == [range(0, 3), range(3, 6), range(6, 8)]
+    assert split_groups(2, 3) == [range(0, 1), range(1, 2), range(2, 2)]
+    assert split_groups(4, 1) == [range(0, 4)]
+
+
 def test_rl_update_raises_the_best_rollout_and_sft_lowers_its_loss(tiny):
     import copy
     model, _, pr, problems = tiny
@@ -1363,6 +1493,45 @@ def test_rl_update_raises_the_best_rollout_and_sft_lowers_its_loss(tiny):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = [sft_step(model, opt, gold, micro_batch=3)["loss"] for _ in range(6)]
     assert losses[-1] < losses[0] * 0.9
+
+
+# --- data parallel (torchrun): the gradient does not depend on the number of processes
+
+def _rank_gradient(rank, world, store, episodes, rewards, state, group_size, out):
+    """One gloo rank: the tiny model, this rank's contiguous share of the rollouts, one RL step
+    with lr 0 (so the gradient stays in .grad), gradient written to out/rank.pt."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    model = state["model"]
+    n = len(episodes) // world
+    share = slice(rank * n, (rank + 1) * n)
+    rl_update(model, torch.optim.SGD(model.parameters(), lr=0.0), episodes[share],
+              advantages(rewards[share], group_size, HRPOConfig().lam), group_size, HRPOConfig(),
+              micro_batch=3, max_grad_norm=float("inf"))
+    torch.save(_grads(model), f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_give_the_single_process_gradient(tiny, tmp_path):
+    """One process with 4 groups == two processes with 2 groups each, for the same rollouts —
+    including a rank whose groups all have zero signal (it must still join the all-reduce)."""
+    import copy
+    import torch.multiprocessing as mp
+    model, _, pr, problems = tiny
+    episodes = rollout(model, pr, problems[:4], group_size=3, budget=32, temperature=1.0,
+                       generator=torch.Generator().manual_seed(5))
+    # groups 0, 1 (rank 0) carry signal; groups 2, 3 (rank 1) are all-equal: zero signal
+    rewards = [Rewards(0, 0, 0, total=float(i % 3 == 0) if i < 6 else 0.5, stream=float(i % 2)
+                       if i < 6 else 0.0, deep=0.0) for i in range(12)]
+    single = copy.deepcopy(model)
+    rl_update(single, torch.optim.SGD(single.parameters(), lr=0.0), episodes,
+              advantages(rewards, 3, HRPOConfig().lam), 3, HRPOConfig(), micro_batch=5,
+              max_grad_norm=float("inf"))
+    mp.spawn(_rank_gradient, nprocs=2, args=(2, tmp_path / "store", episodes, rewards,
+                                             {"model": copy.deepcopy(model)}, 3, tmp_path))
+    for rank in range(2):
+        assert torch.allclose(torch.load(tmp_path / f"{rank}.pt"), _grads(single), atol=1e-6)
 
 
 # =============================================================================================
@@ -1456,64 +1625,169 @@ def test_checkpoint_killed_between_its_renames_is_recovered(ckpt):
     assert ckpt.exists()
 
 
-def test_end_to_end_compare_run_writes_every_file(tmp_path):
+def test_paired_compare_over_two_seeds_writes_every_file(tmp_path, monkeypatch):
+    """--compare --seeds 2: per seed a full run directory; at the top the per-seed rows, mean
+    and sd in eval.json and compare.png. Paired: GRPO and HRPO see the same problems at every
+    RL step, and at the first step, from the same SFT model, the very same samples."""
     import train
+    calls, current = {}, {}
+    real_rollout, real_iteration = train.rollout, train.Run.rl_iteration
+
+    def tagged(self, job, step, *rest):
+        current["key"] = (self.seed, job.name, step)
+        return real_iteration(self, job, step, *rest)
+
+    def recording(model, protocol, problems, **kw):
+        episodes = real_rollout(model, protocol, problems, **kw)
+        if kw["temperature"] > 0:
+            calls.setdefault(current["key"], []).append(
+                ([p.id for p in problems], [ep.tokens for ep in episodes]))
+        return episodes
+    monkeypatch.setattr(train.Run, "rl_iteration", tagged)
+    monkeypatch.setattr(train, "rollout", recording)
     out = tmp_path / "run"
-    train.main(TINY_RUN + ["--compare", "--sft-steps", "3", "--rl-steps", "2", "--save-every", "1",
-                           "--out", str(out)])
-    for name in ["config.json", "metrics.jsonl", "eval.json", "curves.png", "traces.md",
-                 "checkpoint/model.safetensors", "checkpoint/config.json",
-                 "checkpoint/tokenizer.json", "checkpoint/trainer.pt",
-                 "sft/model.safetensors", "hrpo/model.safetensors", "grpo/model.safetensors",
-                 "read_then_think/model.safetensors"]:
-        assert (out / name).exists(), name
+    train.main(TINY_RUN + ["--compare", "--seeds", "2", "--sft-steps", "3", "--rl-steps", "2",
+                           "--save-every", "1", "--out", str(out)])
+    for seed in (0, 1):
+        for name in ["config.json", "metrics.jsonl", "eval.json", "curves.png", "traces.md",
+                     "checkpoint/model.safetensors", "checkpoint/trainer.pt",
+                     "sft/model.safetensors", "hrpo/model.safetensors", "grpo/model.safetensors",
+                     "read_then_think/model.safetensors"]:
+            assert (out / f"seed{seed}" / name).exists(), (seed, name)
+        rl = [json.loads(line) for line in open(out / f"seed{seed}" / "metrics.jsonl")
+              if json.loads(line)["stage"] == "rl"]
+        ids = {(r["job"], r["step"]): r["problem_ids"] for r in rl}
+        for step in (1, 2):
+            assert ids["grpo", step][:2] == ids["hrpo", step][:2]        # the first round's problems
+            assert calls[seed, "grpo", step - 1][0][0] == calls[seed, "hrpo", step - 1][0][0]
+        assert calls[seed, "grpo", 0][0] == calls[seed, "hrpo", 0][0]    # identical first samples
+    assert calls[0, "grpo", 0][0][0] != calls[1, "grpo", 0][0][0]        # seeds differ
+    assert (out / "compare.png").exists()
     ev = json.loads((out / "eval.json").read_text())
-    assert set(ev["methods"]) == {"read_then_think", "sft", "grpo", "hrpo"}
-    for row in ev["methods"].values():
-        assert row["n"] == 6 and 0 <= row["accuracy"] <= 1 and row["total_tokens"] > 0
-    assert ev["methods"]["read_then_think"]["stream_tokens"] == 0
-    assert json.loads((out / "config.json").read_text())["compare"] is True
-    rl = [json.loads(line) for line in open(out / "metrics.jsonl")
-          if json.loads(line)["stage"] == "rl"]
-    assert {r["job"] for r in rl} == {"grpo", "hrpo"} and all("reward" in r for r in rl)
+    assert ev["seeds"] == [0, 1] and set(ev["per_seed"]) == {"0", "1"}
+    methods = {"read_then_think", "sft", "grpo", "hrpo"}
+    assert set(ev["mean"]) == set(ev["sd"]) == methods
+    for name in methods:
+        rows = [ev["per_seed"][s][name]["accuracy"] for s in ("0", "1")]
+        assert ev["mean"][name]["accuracy"] == pytest.approx(sum(rows) / 2)
+        assert ev["sd"][name]["accuracy"] == pytest.approx(abs(rows[0] - rows[1]) / 2 ** 0.5)
+    for name in ("grpo", "hrpo"):
+        assert {"auc_reward", "half_step"} <= set(ev["per_seed"]["0"][name])
+    assert set(ev["wins_vs_grpo"]) == {"hrpo"}
+    assert ev["mean"]["read_then_think"]["stream_tokens"] == 0
+
+
+def test_dynamic_sampling_refills_until_the_batch_has_signal():
+    """Groups of fresh problems are rolled out until the batch holds B groups with signal; with
+    no signal at all, the cap (the candidates) stops it and the step has nothing to train on."""
+    from train import Dist, dynamic_sampling
+    G, B = 2, 4
+    candidates = list(range(12))                                  # 3× the batch: the cap
+    rounds = []
+
+    def roll(problems, start, signal_of):
+        rounds.append((start, list(problems)))
+        episodes = [f"{p}/{i}" for p in problems for i in range(G)]
+        return episodes, [p for p in problems for _ in range(G)], \
+            torch.tensor([signal_of(p) for p in problems])
+    kept, rewards, every, _, generated = dynamic_sampling(
+        candidates, B, G, lambda p, s: roll(p, s, lambda q: q % 3 != 0), Dist(), "cpu")
+    # round 1: 0..3 (signal 1, 2), round 2: the 2 missing, 4..5 (both), done
+    assert rounds == [(0, [0, 1, 2, 3]), (4, [4, 5])] and generated == 6
+    assert kept == ["1/0", "1/1", "2/0", "2/1", "4/0", "4/1", "5/0", "5/1"]
+    assert rewards == [1, 1, 2, 2, 4, 4, 5, 5] and len(every) == 12
+    rounds.clear()
+    kept, _, every, _, generated = dynamic_sampling(
+        candidates, B, G, lambda p, s: roll(p, s, lambda q: False), Dist(), "cpu")
+    assert kept == [] and generated == 12 and len(every) == 24     # stopped by the cap
+    assert [start for start, _ in rounds] == [0, 4, 8]
 
 
 # =============================================================================================
-# Data parallel (torchrun) — the gradient does not depend on the number of processes
+# The command-line programs: a user error is one line `error: ...`, exit status 2, no traceback
 # =============================================================================================
 
-def _rank_gradient(rank, world, store, episodes, rewards, state, group_size, out):
-    """One gloo rank: the tiny model, this rank's contiguous share of the rollouts, one RL step
-    with lr 0 (so the gradient stays in .grad), gradient written to out/rank.pt."""
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    model = state["model"]
-    n = len(episodes) // world
-    share = slice(rank * n, (rank + 1) * n)
-    rl_update(model, torch.optim.SGD(model.parameters(), lr=0.0), episodes[share],
-              advantages(rewards[share], group_size, HRPOConfig().lam), group_size, HRPOConfig(),
-              micro_batch=3, max_grad_norm=float("inf"))
-    torch.save(_grads(model), f"{out}/{rank}.pt")
-    dist.destroy_process_group()
+REPO = Path(__file__).parent
+PROBLEM = "You have 2 pens. You buy 1 pen. How many pens do you have at the end?"
+BAD_INPUT = {   # case -> (command line, substrings the one line must hold)
+    "train: malformed JSON line": (["train.py", "--data", "{d}/bad.jsonl"], ["bad.jsonl:2", "malformed JSON"]),
+    "train: record without answer": (["train.py", "--data", "{d}/noanswer.jsonl"],
+                                     ["noanswer.jsonl:2", "missing field 'answer'"]),
+    "train: missing data file": (["train.py", "--data", "{d}/missing.jsonl"], ["missing.jsonl", "no such file"]),
+    "train: empty data file": (["train.py", "--data", "{d}/empty.jsonl"], ["empty.jsonl", "no records"]),
+    "train: StreamingThinker thought count": (["train.py", "--data", "{d}/st.json"],
+                                              ["st.json: record 0", "'streaming_reasoning'", "3 thoughts"]),
+    "train: --lam 1.5": (["train.py", "--lam", "1.5"], ["--lam = 1.5", "[0, 1]"]),
+    "train: --lam not numbers": (["train.py", "--lam", "half"], ["--lam", "'half'"]),
+    "train: --budget 0": (["train.py", "--budget", "0"], ["--budget = 0"]),
+    "train: --group 1": (["train.py", "--group", "1"], ["--group = 1", "at least 2"]),
+    "train: --eps-low 1.2": (["train.py", "--eps-low", "1.2"], ["--eps-low = 1.2"]),
+    "train: --wpm 0": (["train.py", "--wpm", "0"], ["--wpm = 0", "positive"]),
+    "train: --decode-tps -1": (["train.py", "--decode-tps", "-1"], ["--decode-tps = -1"]),
+    "train: --mini-batches above the batch": (["train.py", "--mini-batches", "9"], ["--mini-batches = 9", "--rl-batch"]),
+    "train: --seeds 0": (["train.py", "--seeds", "0"], ["--seeds"]),
+    "train: --sft-steps not an int": (["train.py", "--sft-steps", "ten"], ["--sft-steps", "'ten'"]),
+    "train: --device with no such GPU": (["train.py", "--device", "cuda:7"], ["--device", "cuda:7"]),
+    "train: --stage rl without a model": (["train.py", "--stage", "rl"], ["--stage rl", "--model"]),
+    "train: --task with --data": (["train.py", "--task", "pair", "--data", "{d}/noanswer.jsonl"], ["--task", "--data"]),
+    "train: --resume with no run": (["train.py", "--resume", "--out", "{d}/nothing"], ["--resume", "nothing"]),
+    "train: --model missing": (["train.py", "--model", "{d}/no-such-model", "--stage", "eval"],
+                               ["no-such-model", "not a checkpoint directory"]),
+    "rollout: --model missing": (["rollout.py", "--model", "{d}/no-such-model", "--problem", PROBLEM],
+                                 ["no-such-model", "not a checkpoint directory"]),
+    "rollout: checkpoint missing a tensor": (["rollout.py", "--model", "{d}/no_tensor", "--problem", PROBLEM],
+                                             ["model.safetensors", "missing tensor 'model.norm.weight'"]),
+    "rollout: checkpoint without tokenizer.json": (["rollout.py", "--model", "{d}/no_tokenizer", "--problem", PROBLEM],
+                                                   ["no_tokenizer/tokenizer.json", "no such file"]),
+    "rollout: garbage .gguf": (["rollout.py", "--model", "{d}/garbage.gguf", "--problem", PROBLEM],
+                               ["garbage.gguf", "GGUF"]),
+    "rollout: .gguf without the gguf package": (["-c", "import sys, runpy; sys.modules['gguf'] = None; "
+                                                 "sys.argv = ['rollout.py', '--model', 'x.gguf', '--problem', 'Hi?']; "
+                                                 "runpy.run_path('rollout.py', run_name='__main__')"],
+                                                ["pip install gguf"]),
+    "rollout: --budget 0": (["rollout.py", "--model", "{d}/ckpt", "--problem", PROBLEM, "--budget", "0"], ["--budget = 0"]),
+    "rollout: --temperature -1": (["rollout.py", "--model", "{d}/ckpt", "--problem", PROBLEM, "--temperature", "-1"],
+                                  ["--temperature = -1.0"]),
+    "rollout: missing --data": (["rollout.py", "--model", "{d}/ckpt", "--data", "{d}/missing.jsonl"],
+                                ["missing.jsonl", "no such file"]),
+    "bench_rollout: --problems 0": (["bench_rollout.py", "--problems", "0"], ["--problems = 0"]),
+    "bench_model: --new-tokens 0": (["bench_model.py", "--new-tokens", "0"], ["--new-tokens = 0"]),
+    "data: missing file": (["data.py", "{d}/missing.jsonl"], ["missing.jsonl", "no such file"]),
+}
 
 
-def test_two_gloo_processes_give_the_single_process_gradient(tiny, tmp_path):
-    """One process with 4 groups == two processes with 2 groups each, for the same rollouts —
-    including a rank whose groups all have zero signal (it must still join the all-reduce)."""
-    import copy
-    import torch.multiprocessing as mp
-    model, _, pr, problems = tiny
-    episodes = rollout(model, pr, problems[:4], group_size=3, budget=32, temperature=1.0,
-                       generator=torch.Generator().manual_seed(5))
-    # groups 0, 1 (rank 0) carry signal; groups 2, 3 (rank 1) are all-equal: zero signal
-    rewards = [Rewards(0, 0, 0, total=float(i % 3 == 0) if i < 6 else 0.5, stream=float(i % 2)
-                       if i < 6 else 0.0, deep=0.0) for i in range(12)]
-    single = copy.deepcopy(model)
-    rl_update(single, torch.optim.SGD(single.parameters(), lr=0.0), episodes,
-              advantages(rewards, 3, HRPOConfig().lam), 3, HRPOConfig(), micro_batch=5,
-              max_grad_norm=float("inf"))
-    mp.spawn(_rank_gradient, nprocs=2, args=(2, tmp_path / "store", episodes, rewards,
-                                             {"model": copy.deepcopy(model)}, 3, tmp_path))
-    for rank in range(2):
-        assert torch.allclose(torch.load(tmp_path / f"{rank}.pt"), _grads(single), atol=1e-6)
+@pytest.fixture(scope="module")
+def bad_input_runs(tiny, tmp_path_factory):
+    """Every BAD_INPUT case run as its own process, all at once (each pays for importing torch)."""
+    import shutil
+    import subprocess
+    import sys
+    d = tmp_path_factory.mktemp("bad")
+    write_jsonl(d / "bad.jsonl", [{"question": "Tom has 2. How many?", "answer": "2\n#### 2"}])
+    with open(d / "bad.jsonl", "a") as f:
+        f.write('{"question": "broken\n')
+    write_jsonl(d / "noanswer.jsonl", [{"question": "Tom has 2. How many?", "answer": "2\n#### 2"},
+                                       {"question": "Tom has 3. How many?"}])
+    (d / "empty.jsonl").write_text("")
+    (d / "st.json").write_text(json.dumps([st_record(streaming_reasoning="q<EOQ> a<EOT> b<EOT> c<EOT>")]))
+    model, tok, _, _ = tiny
+    save_checkpoint(model, tok, d / "ckpt")
+    for broken in ("no_tensor", "no_tokenizer"):
+        shutil.copytree(d / "ckpt", d / broken)
+    _edit_tensors(d / "no_tensor", lambda sd: sd.pop("model.norm.weight"))
+    (d / "no_tokenizer" / "tokenizer.json").unlink()
+    (d / "garbage.gguf").write_bytes(b"this is not a GGUF file at all")
+    procs = {case: subprocess.Popen([sys.executable] + [a.format(d=d) for a in argv], cwd=REPO,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for case, (argv, _) in BAD_INPUT.items()}
+    return {case: (p.wait(timeout=600), p.stdout.read() + p.stderr.read()) for case, p in procs.items()}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_and_exit_status_2(bad_input_runs, case):
+    status, output = bad_input_runs[case]
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), output
+    for s in BAD_INPUT[case][1]:
+        assert s in lines[0], (s, lines[0])

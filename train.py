@@ -149,7 +149,7 @@ def build_parser() -> ArgumentParser:
                    help="k3 KL penalty to the start (reference) model")
     g.add_argument("--temperature", type=float, default=hcfg.temperature, help="sampling temperature")
     g.add_argument("--budget", type=int, default=rcfg.budget, help="T, policy tokens per rollout")
-    g.add_argument("--micro-batch", type=int, default=32, help="rows per forward/backward")
+    g.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward")
     g = p.add_argument_group("rewards and clock")
     g.add_argument("--alpha", type=float, default=rcfg.alpha, help="cost of a residual token, per T")
     g.add_argument("--beta", type=float, default=rcfg.beta, help="cost of a streaming token, per T")
@@ -539,36 +539,26 @@ class Run:
                           kl_beta=args.kl_beta, temperature=args.temperature,
                           mini_batches=args.mini_batches, epochs=args.epochs)
         # The candidate problems of this step, in order: the same for every job (paired).
-        order = random.Random(f"{self.seed}/rl/{step}").sample(
+        candidates = random.Random(f"{self.seed}/rl/{step}").sample(
             self.train, min(len(self.train), args.refill_cap * B))
-        generated, kept, all_eps, all_rewards = 0, [], [], []
-        t = time.time()
-        model.eval()
-        while generated < len(order):
-            need = B - sum(d.gather(len(kept) // G, args.device))   # groups the batch still lacks
-            if need <= 0:
-                break
-            n = min(-(-need // d.world) * d.world, len(order) - generated)   # a multiple of world
-            problems = d.share(order[generated:generated + n])
+
+        def roll(problems, start):
+            """This rank's rollouts of ``problems``; the sampling seed depends on (seed, step,
+            where in the candidates the round starts, rank) only: common random numbers."""
             gen = torch.Generator(device=args.device).manual_seed(
-                random.Random(f"{self.seed}/rl/{step}/{generated}/{d.rank}").getrandbits(62))
+                random.Random(f"{self.seed}/rl/{step}/{start}/{d.rank}").getrandbits(62))
             episodes = rollout(model, self.protocol, problems, group_size=G, budget=args.budget,
                                temperature=args.temperature, generator=gen)
             rewards = [score(ep, self.rewards) for ep in episodes]
-            signal = group_signal(*advantages(rewards, G, job.lam, hcfg.std_eps), G).tolist()
-            # Keep, in global order (rank 0's share first), only the groups the batch still needs.
-            counts = d.gather(sum(signal), args.device)
-            room = max(0, need - sum(counts[:d.rank]))
-            for b in [b for b, s in enumerate(signal) if s][:room]:
-                kept += list(zip(episodes[b * G:(b + 1) * G], rewards[b * G:(b + 1) * G]))
-            all_eps += episodes
-            all_rewards += rewards
-            generated += n
+            return episodes, rewards, group_signal(*advantages(rewards, G, job.lam, hcfg.std_eps), G)
+
+        t = time.time()
+        model.eval()
+        kept, kept_rewards, all_eps, all_rewards, generated = dynamic_sampling(
+            candidates, B, G, roll, d, args.device)
         t_roll = time.time() - t
         t = time.time()
-        episodes = [ep for ep, _ in kept]
-        rewards = [r for _, r in kept]
-        update = rl_update(model, optimizer, episodes, advantages(rewards, G, job.lam, hcfg.std_eps),
+        update = rl_update(model, optimizer, kept, advantages(kept_rewards, G, job.lam, hcfg.std_eps),
                            G, hcfg, micro_batch=args.micro_batch, ref_model=ref_model)
         t_update = time.time() - t
         self.seconds["rollout"] += t_roll
@@ -577,9 +567,38 @@ class Run:
         n_all = sum(len(ep.tokens) - ep.prompt_len for ep in all_eps)
         return {**summarize(all_eps, all_rewards), **update,
                 "groups_generated": generated, "groups_kept": sum(d.gather(len(kept) // G, args.device)),
+                "problem_ids": [p.id for p in candidates[:generated]],
                 "rollout_policy_tokens_per_s": n_policy / t_roll,
                 "rollout_tokens_per_s": n_all / t_roll,
                 "tokens_per_s": n_policy / (t_roll + t_update)}
+
+
+def dynamic_sampling(candidates: list, batch: int, group: int, roll, d: Dist, device):
+    """DAPO's dynamic sampling: roll out groups of the ``candidates`` (problems, in order) until
+    ``batch`` groups carry signal, over all ranks, or the candidates run out (the cap).
+
+    ``roll(problems, start) -> (episodes, rewards, signal)`` rolls out this rank's share of a
+    round (``group`` episodes per problem, grouped) and says which groups carry signal (B',).
+    Each round asks for the groups still missing, rounded up to a multiple of the ranks; the
+    kept groups are the first with signal in the global order (rank 0's share of a round first).
+    Returns (kept episodes, their rewards, every episode rolled out, their rewards, groups
+    generated over all ranks)."""
+    generated, kept, kept_rewards, all_eps, all_rewards = 0, [], [], [], []
+    while generated < len(candidates):
+        need = batch - sum(d.gather(len(kept) // group, device))    # groups the batch still lacks
+        if need <= 0:
+            break
+        n = min(-(-need // d.world) * d.world, len(candidates) - generated)
+        episodes, rewards, signal = roll(d.share(candidates[generated:generated + n]), generated)
+        counts = d.gather(int(signal.sum()), device)
+        room = max(0, need - sum(counts[:d.rank]))
+        for b in signal.nonzero().flatten().tolist()[:room]:
+            kept += episodes[b * group:(b + 1) * group]
+            kept_rewards += rewards[b * group:(b + 1) * group]
+        all_eps += episodes
+        all_rewards += rewards
+        generated += n
+    return kept, kept_rewards, all_eps, all_rewards, generated
 
 
 def progress_line(name: str, step: int, steps: int, m: dict, eta: float) -> str:
@@ -616,7 +635,7 @@ COLUMNS = [("accuracy", "acc", "{:.3f}"), ("format_rate", "format", "{:.3f}"),
            ("stream_tokens", "S.Len", "{:.1f}"), ("deep_tokens", "D.Len", "{:.1f}"),
            ("total_tokens", "T.Len", "{:.1f}"), ("residual_tokens", "resid.tok", "{:.1f}"),
            ("residual_latency_s", "resid.s", "{:.2f}"), ("skip_rate_irrelevant", "skip(irr)", "{:.2f}")]
-LEARNING = [("auc_reward", "reward AUC", "{:+.3f}"), ("half_step", "half-way step", "{:.1f}")]
+LEARNING = [("auc_reward", "reward AUC", "{:+.3f}"), ("half_step", "half step", "{:.1f}")]
 
 
 def format_table(methods: dict[str, dict], sd: dict[str, dict] | None = None,
@@ -625,7 +644,7 @@ def format_table(methods: dict[str, dict], sd: dict[str, dict] | None = None,
     def cell(name, key, fmt):
         value = methods[name].get(key, float("nan"))
         return fmt.format(value) + (f" ± {fmt.format(sd[name][key]).lstrip('+')}" if sd else "")
-    width = 17 if sd else 10
+    width = 17 if sd else 11
     head = f"{'method':<16}" + "".join(f"{h:>{width}}" for _, h, _ in columns)
     rows = [f"{name:<16}" + "".join(f"{cell(name, k, fmt):>{width}}" for k, _, fmt in columns)
             for name in methods]
