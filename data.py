@@ -715,12 +715,14 @@ def load_problems(path: str | Path, *, skip_bad: bool = False) -> list[Problem]:
 #   named  Track a named person's count of one item among several people and items ("How many
 #          pens does Ann have at the end?"): whether a chunk matters depends on the question.
 #          For pretrained models (the smollm2 preset), which bind names as they read.
-#   pair   Track your counts of two items over 8-12 chunks with counts up to 20, then answer
-#          "How many more pens than apples do you have at the end?". Thinking on the relevant
-#          chunks carries the state the answer needs (recomputing a long stream at the end is
-#          slow and error-prone), and the deep phase has necessary work of its own (the
-#          difference), so a rollout can be good in one phase and bad in the other — the case
-#          phase-wise advantages (HRPO) are for.
+#   long   Track your count over 8-12 chunks with counts up to 20 and changes up to 5, and the
+#          question adds one change after the stream ("How many pens do you have at the end, if
+#          you then buy 6 more?"). Thinking on the relevant chunks carries the state the answer
+#          needs (re-deriving a long stream at the end is slow and error-prone), and the deep
+#          phase has necessary work of its own (the last change), so a rollout can be good in
+#          one phase and bad in the other — the case phase-wise advantages (HRPO) are for.
+#          [ours, measured] A first design tracked two items and asked their difference; the
+#          ~1M-parameter model confused which count an event changes (README).
 
 NAMES = ("Tom", "Ann", "Ben", "Eva", "Sam", "Mia", "Leo", "Zoe")     # the other people
 ITEMS = (("apple", "apples"), ("pear", "pears"), ("pen", "pens"),
@@ -732,9 +734,9 @@ FILLERS = ("It is a sunny day.", "It starts to rain.", "The shop is busy.",
            "{name} walks to the park.", "{name} sings a song.")
 TASKS = {"you": "your count of one item",
          "named": "a named person's count of one item among several people and items",
-         "pair": "your counts of two items over 8-12 chunks, answer their difference"}
+         "long": "your count over 8-12 chunks up to 20, then one more change in the deep phase"}
 # Per task: chunks per problem (inclusive range), largest count, largest change of one event.
-_TASK_SIZES = {"you": ((4, 7), 12, 4), "named": ((4, 7), 12, 4), "pair": ((8, 12), 20, 5)}
+_TASK_SIZES = {"you": ((4, 7), 12, 4), "named": ((4, 7), 12, 4), "long": ((8, 12), 20, 5)}
 
 
 def _event(rng: random.Random, subject: str, verb: str, k: int, item: tuple[str, str],
@@ -758,10 +760,12 @@ def _change(rng: random.Random, count: int, max_value: int, max_delta: int) -> t
     return verb, rng.randint(1, min(max_delta, max_value - count if sign > 0 else count))
 
 
-def _track(rng, key, target, item, others, n_chunks, max_value, max_delta, irrelevant, terse):
-    """A one-count problem (tasks you, named): ``target`` ("You" or a name) starts with some
-    ``item``s; each later chunk is a relevant event of the target's, or (probability
-    ``irrelevant``) a distractor drawn by ``others(rng)``."""
+def _track(rng, key, target, item, others, n_chunks, max_value, max_delta, irrelevant, terse,
+           then: bool = False):
+    """A one-count problem: ``target`` ("You" or a name) starts with some ``item``s; each later
+    chunk is a relevant event of the target's, or (probability ``irrelevant``) a distractor drawn
+    by ``others(rng)``. With ``then`` (task long) the question adds one more change after the
+    stream ("..., if you then buy 6 more?"), which only the deep phase can compute."""
     count = rng.randint(1, max_value)
     chunks = [_event(rng, target, "have", count, item)]
     relevant = [True]
@@ -783,19 +787,27 @@ def _track(rng, key, target, item, others, n_chunks, max_value, max_delta, irrel
         thoughts.append(step)
         recap.append(f"{target} {past} {k}, so {step}")
         count += sign * k
-    final = f"The answer is {count}."
+    answer, last = count, []
+    if then:
+        sign = 1 if count == 0 or rng.random() < 0.5 else -1
+        k = rng.randint(1, 9) if sign > 0 else rng.randint(1, count)
+        answer = count + sign * k
+        last = [f"Then {count} {'+' if sign > 0 else '-'} {k} = {answer}."]
+    final = f"The answer is {answer}."
     # "Recap:" makes the full recap's first token the same for every problem, so that the SFT
     # model's most likely deep phase is the majority (full) one and the terse one stays the
     # minority alternative that sampling explores.
-    full = " ".join(["Recap:"] + recap + [final])
-    deep = final if rng.random() < terse else full
-    question = (f"How many {item[1]} do you have at the end?" if target == "You" else
-                f"How many {item[1]} does {target} have at the end?")
-    return Problem(id=f"synthetic/{key}", question=question, chunks=chunks, answer=str(count),
+    full = " ".join(["Recap:"] + recap + last + [final])
+    deep = " ".join(last + [final]) if rng.random() < terse else full
+    question = (f"How many {item[1]} does {target} have at the end?" if target != "You" else
+                f"How many {item[1]} do you have at the end?" if not then else
+                f"How many {item[1]} do you have at the end, if you then "
+                f"{f'buy {k} more' if sign > 0 else f'give {k} away'}?")
+    return Problem(id=f"synthetic/{key}", question=question, chunks=chunks, answer=str(answer),
                    relevant=relevant, thoughts=thoughts, deep=deep, rtt_deep=full)
 
 
-def _you(rng, key, sizes, irrelevant, terse) -> Problem:
+def _you(rng, key, sizes, irrelevant, terse, then=False) -> Problem:
     item = rng.choice(ITEMS)
 
     def others(rng):          # another person's event with your item (two thirds), or a filler
@@ -803,7 +815,11 @@ def _you(rng, key, sizes, irrelevant, terse) -> Problem:
             return rng.choice(FILLERS).format(name=rng.choice(NAMES))
         verb = rng.choice(("have", *VERBS))
         return _event(rng, rng.choice(NAMES), verb, rng.randint(1, sizes[2]), item)
-    return _track(rng, key, "You", item, others, *sizes, irrelevant, terse)
+    return _track(rng, key, "You", item, others, *sizes, irrelevant, terse, then)
+
+
+def _long(rng, key, sizes, irrelevant, terse) -> Problem:
+    return _you(rng, key, sizes, irrelevant, terse, then=True)
 
 
 def _named(rng, key, sizes, irrelevant, terse) -> Problem:
@@ -820,48 +836,7 @@ def _named(rng, key, sizes, irrelevant, terse) -> Problem:
     return _track(rng, key, target, item, others, *sizes, irrelevant, terse)
 
 
-def _pair(rng, key, sizes, irrelevant, terse) -> Problem:
-    """Two items a, b: "You have 7 pens." "You have 12 apples." then events on either; the
-    question asks for the difference of the final counts, larger minus smaller."""
-    (lo, hi), max_value, max_delta = sizes
-    items = rng.sample(ITEMS, 2)
-    counts = [rng.randint(1, max_value) for _ in items]
-    chunks = [_event(rng, "You", "have", c, it) for c, it in zip(counts, items)]
-    relevant = [True, True]
-    thoughts = [f"You start with {c} {it[1]}." for c, it in zip(counts, items)]
-    steps: list[list[str]] = [[], []]                  # per item, its arithmetic in order
-    for _ in range(rng.randint(lo, hi) - 2):
-        if rng.random() < irrelevant:
-            if rng.randrange(3) == 2:
-                chunks.append(rng.choice(FILLERS).format(name=rng.choice(NAMES)))
-            else:
-                chunks.append(_event(rng, rng.choice(NAMES), rng.choice(("have", *VERBS)),
-                                     rng.randint(1, max_delta), rng.choice(items)))
-            relevant.append(False)
-            thoughts.append("" if rng.random() < terse else "No change.")
-            continue
-        i = rng.randrange(2)
-        verb, k = _change(rng, counts[i], max_value, max_delta)
-        sign = VERBS[verb][0]
-        step = f"{counts[i]} {'+' if sign > 0 else '-'} {k} = {counts[i] + sign * k}"
-        chunks.append(_event(rng, "You", verb, k, items[i]))
-        relevant.append(True)
-        thoughts.append(f"{step} {items[i][1]}.")
-        steps[i].append(step)
-        counts[i] += sign * k
-    a, b = (0, 1) if counts[0] >= counts[1] else (1, 0)
-    answer = counts[a] - counts[b]
-    combine = f"{counts[a]} - {counts[b]} = {answer}. The answer is {answer}."
-    recap = " ".join(f"{it[1].capitalize()}: start {start}" + "".join(f", {st}" for st in sts) + "."
-                     for it, start, sts in zip(items, [int(c.split()[2]) for c in chunks[:2]], steps))
-    full = f"Recap: {recap} {combine}"
-    deep = combine if rng.random() < terse else full
-    question = f"How many more {items[a][1]} than {items[b][1]} do you have at the end?"
-    return Problem(id=f"synthetic/{key}", question=question, chunks=chunks, answer=str(answer),
-                   relevant=relevant, thoughts=thoughts, deep=deep, rtt_deep=full)
-
-
-_TASK_MAKERS = {"you": _you, "named": _named, "pair": _pair}
+_TASK_MAKERS = {"you": _you, "named": _named, "long": _long}
 
 
 def make_synthetic(n: int, seed: int | str, *, task: str = "you", irrelevant: float = 0.4,

@@ -72,7 +72,7 @@ class HRPOConfig:
     eps_high: float = 0.28
     kl_beta: float = 0.0
     temperature: float = 1.0
-    mini_batches: int = 1
+    mini_batches: int = 4
     epochs: int = 1
     std_eps: float = 1e-4
 
@@ -93,7 +93,7 @@ def group_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(std > eps, (x - x.mean(1, keepdim=True)) / (std + eps), 0.0)
 
 
-def advantages(rewards: list[Rewards], group_size: int, lam: float, eps: float = 1e-4
+def advantages(rewards: list[Rewards], group_size: int, lam: float, eps: float = HRPOConfig.std_eps
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-rollout advantages of the streaming and of the deep phase.
 
@@ -308,7 +308,7 @@ STATS = ("loss", "entropy", "clip_low", "clip_high", "ratio_dev", "kl_rollout")
 
 def rl_update(model, optimizer, episodes: list[Episode],
               advantage: tuple[torch.Tensor, torch.Tensor], group_size: int, cfg: HRPOConfig,
-              micro_batch: int = 8, ref_model=None, max_grad_norm: float = 1.0) -> dict:
+              micro_batch: int, ref_model=None, max_grad_norm: float = 1.0) -> dict:
     """The HRPO update of one rollout batch (this rank's grouped rollouts and their
     ``advantages``): ``cfg.epochs`` passes over ``cfg.mini_batches`` mini-batches of whole
     groups, one optimiser step each, all with π_old = the rollout's log-probs. Returns the
@@ -356,7 +356,7 @@ def rl_update(model, optimizer, episodes: list[Episode],
     return metrics
 
 
-def sft_step(model, optimizer, episodes: list[Episode], micro_batch: int = 8,
+def sft_step(model, optimizer, episodes: list[Episode], micro_batch: int,
              max_grad_norm: float = 1.0) -> dict:
     """One supervised step: next-token cross-entropy on the policy tokens of gold episodes
     (observations are context, never targets), averaged over all policy tokens of the step."""

@@ -1,23 +1,32 @@
 """The language model: architecture, KV cache, tokenizer, checkpoint I/O and sampling.
 
-This file owns everything about "a causal LM as a function from token ids to logits":
+This file owns everything about "a causal LM as a function from token ids to logits", and the
+project's user errors (it is the one module every program imports):
 
+* `UserError`    - bad input the user can fix; `run_cli` turns it into one line `error: ...`.
 * `ModelConfig`  - the hyper-parameters, read from / written to a Hugging Face `config.json`.
 * `Transformer`  - one decoder-only architecture that covers Llama (SmolLM2, Llama-3.x),
                    Qwen2 (q/k/v bias) and Qwen3 (per-head RMSNorm on q and k).
-* `KVCache`      - a preallocated per-row cache; rows may sit at different positions.
+* `KVCache`      - a preallocated per-row cache; rows may sit at different positions and take
+                   different numbers of new tokens per step (`CacheStep`).
 * `Tokenizer`    - byte-level BPE on top of tiktoken, built from local files only.
 * loading (`load_pretrained`: HF safetensors directory or llama-architecture GGUF), saving
-  (`save_checkpoint`: HF layout, atomic), a from-scratch config (`tiny_config`, `train_bpe`,
-  `init_weights`) and sampling (`log_probs`, `sample`, `generate`).
+  (`save_checkpoint`: HF layout, atomic; `recover_checkpoint`), a from-scratch config
+  (`tiny_config`, `train_bpe`, `init_weights`) and sampling (`log_probs`, `sample`, `generate`).
 
 Design decisions
+* Ragged rows, no wasted matmuls: a forward with `lengths` (training batches of different
+  lengths, or a rollout step in which one row reads a whole chunk while the others write one
+  token) runs the projections and the MLP on the real tokens only, flattened into one sequence
+  (`Ragged`); only the attention sees the rows padded, and with a cache it is split so that one
+  long row does not pad every other row's queries (`CacheStep`).
+* The KV cache holds what the forward produces: the weights' dtype, or bf16 under autocast.
 * Module attribute names are the HF ones (`layers.3.self_attn.q_proj`, ...), so a state dict key
   maps to its HF tensor name by prefixing "model." (except `lm_head`); there is no rename table.
 * RoPE uses the HF rotate-half layout and is computed per forward from the positions in fp32,
   so there is no position table to outgrow and no fp32 buffer that `.to(bfloat16)` would round.
 * GQA goes through `F.scaled_dot_product_attention(..., enable_gqa=True)` instead of repeating
-  the KV heads (measured ~2x faster in batched decode).
+  the KV heads: no copy of the keys per query head.
 * Loading is strict: every parameter must be filled and every tensor in the files used, and a
   mismatch names the tensor and the file. Silently wrong logits are the worst failure mode.
 * Logits are always returned in float32: the RL ratio exp(logp_new - logp_old) is sensitive to
@@ -1027,7 +1036,7 @@ def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator 
     distribution the token was drawn from, as the PPO importance ratio requires.
 
     Sampling inverts the cumulative distribution with one uniform number per row (the first
-    token whose cumulative probability reaches it): exact, and about 7x faster on a CPU than
+    token whose cumulative probability reaches it): exact, and on a CPU much cheaper than
     torch.multinomial, which draws an exponential per vocabulary entry (49k for SmolLM2)."""
     logp = log_probs(logits, temperature)
     if temperature == 0:

@@ -81,7 +81,8 @@ PRESETS = {
     # to finish SFT → HRPO → evaluation in about an hour on 2 CPU cores (README, "Pretrained").
     "smollm2": dict(model="smollm2", task="named", n_train=2000, n_eval=100, budget=96,
                     sft_steps=150, sft_batch=16, sft_lr=1e-4, micro_batch=8,
-                    rl_steps=20, rl_batch=4, group=8, rl_lr=1e-6, save_every=10, log_every=5),
+                    rl_steps=20, rl_batch=4, group=8, mini_batches=2, rl_lr=1e-6, save_every=10,
+                    log_every=5),
 }
 
 
@@ -246,7 +247,8 @@ def check_args(args) -> None:
         path = getattr(args, option)
         if path and not Path(path).is_file():
             raise UserError(f"option --{option.replace('_', '-')}: {path}: no such file")
-    if args.resume and not (Path(args.out) / "config.json").exists():
+    runs = [Path(args.out)] if args.seeds is None else [Path(args.out) / f"seed{s}" for s in args.seeds]
+    if args.resume and not any((run / "config.json").exists() for run in runs):
         raise UserError(f"option --resume: {args.out} holds no run to resume (no config.json)")
     check_device(args.device)
 
@@ -329,9 +331,10 @@ def start_model(args, seed: int, train_problems):
     scratch whose BPE tokenizer is trained on the gold trajectories' text."""
     if args.model:
         model, tok = load_pretrained(args.model, device=args.device)
-        # Recompute each block's activations in the backward pass: a pretrained model's
-        # activations, not its weights, are what overflow memory in an RL step (hrpo.py).
-        model.gradient_checkpointing = True
+        # On a GPU, recompute each block's activations in the backward pass: a pretrained
+        # model's activations, not its weights, are what overflow GPU memory in an RL step. On a
+        # CPU time is the limit, not memory (SmolLM2 at 8 rows × 256 tokens: 8 GB without).
+        model.gradient_checkpointing = torch.device(args.device).type == "cuda"
     else:
         # Every text carries the instruction, so that BPE merges it as often as it is read.
         texts = [" ".join([INSTRUCTION, p.question, *p.chunks, *(p.thoughts or []),
@@ -397,8 +400,17 @@ class Run:
         self.rewards = RewardConfig(alpha=args.alpha, beta=args.beta, budget=args.budget)
         self.stop = False
         self.seconds = {"sft": 0.0, "rollout": 0.0, "update": 0.0, "eval": 0.0}
-        self._gold: dict[tuple[int, str], object] = {}
         self.t0 = time.time()
+        # The gold episodes of the SFT jobs, tokenised once; a gold trajectory longer than the
+        # budget is one that no rollout could end like, so the run says how many there are.
+        layouts = {job.layout for job in plan(args) if job.kind == "sft"}
+        self.gold = {layout: [self.protocol.gold(p, layout) for p in self.train] for layout in layouts}
+        for layout, episodes in self.gold.items():
+            over = [n for n in (sum(ep.policy) for ep in episodes) if n > args.budget]
+            if over and d.main:
+                print(f"warning: {len(over)} of {len(episodes)} gold trajectories ({layout}) are "
+                      f"longer than --budget {args.budget} policy tokens (the longest {max(over)}); "
+                      "a rollout is cut off before it could end like them", file=sys.stderr)
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             if not args.resume:          # a fresh run: forget what an earlier run left here
@@ -428,12 +440,6 @@ class Run:
         model = load_pretrained(path, device=self.args.device)[0]
         model.gradient_checkpointing = self.model.gradient_checkpointing
         return model
-
-    def gold(self, i: int, layout: str):
-        """Gold episode of training problem i (memoised: tokenised once per run)."""
-        if (i, layout) not in self._gold:
-            self._gold[i, layout] = self.protocol.gold(self.train[i], layout)
-        return self._gold[i, layout]
 
     def log(self, record: dict) -> None:
         if self.d.main:
@@ -523,7 +529,7 @@ class Run:
         """One SFT step on a batch of gold episodes (the same problems for both layouts)."""
         rng = random.Random(f"{self.seed}/sft/{step}")
         idx = self.d.share(rng.sample(range(len(self.train)), self.args.sft_batch))
-        episodes = [self.gold(i, job.layout) for i in idx]
+        episodes = [self.gold[job.layout][i] for i in idx]
         t = time.time()
         m = sft_step(model, optimizer, episodes, self.args.micro_batch)
         dt = time.time() - t
