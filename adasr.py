@@ -456,7 +456,14 @@ class Protocol:
 
 
 def add_markers(model, tokenizer) -> None:
-    """Give a tokenizer the AdaSR markers and grow the model's embedding to hold them."""
+    """Give a tokenizer the AdaSR markers and grow the model's embedding to hold them.
+
+    A pretrained model's new marker rows start as copies of its newline token: a marker ends a
+    sentence, thought or answer, where the model already expects a line break, so it can write
+    `<EOT>` from the first SFT step. Rows at the mean of the embedding give a marker so low a
+    logit that SmolLM2 still never closed a thought after 40 SFT steps (README, "A pretrained
+    model")."""
     tokenizer.add_special_tokens(MARKERS)
     if tokenizer.vocab_size > model.cfg.vocab_size:
-        model.resize_vocab(tokenizer.vocab_size)
+        newline = tokenizer.encode("\n")
+        model.resize_vocab(tokenizer.vocab_size, like=newline[0] if len(newline) == 1 else None)

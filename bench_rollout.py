@@ -17,8 +17,8 @@ An untrained model (SmolLM2 as shipped) never writes <EOT>, so its rollout is on
 thought — a pure decode benchmark; a trained AdaSR checkpoint exercises the whole protocol
 (chunks fed between thoughts, rows finishing at different times).
 
-Then one HRPO update on those rollouts (activation checkpointing on, as train.py does for
-pretrained models), with arbitrary distinct rewards so that every group carries signal: this
+Then one HRPO update on those rollouts (on CPU, without activation checkpointing, as train.py
+runs it there), with arbitrary distinct rewards so that every group carries signal: this
 measures the update's time and the process's peak memory, not learning.
 """
 from __future__ import annotations
@@ -119,7 +119,6 @@ def main(argv=None) -> None:
           f"{hf_long_s:6.2f} s, ours {hf_long_s / ours_s:.2f}× faster")
 
     del hf
-    model.gradient_checkpointing = True
     rng = random.Random(0)
     rewards = [Rewards(0, 0, 0, total=rng.random(), stream=rng.random(), deep=rng.random())
                for _ in episodes]

@@ -537,9 +537,10 @@ class Transformer(nn.Module):
         return self.lm_head(h).float()
 
     @torch.no_grad()
-    def resize_vocab(self, new_size: int):
-        """Grow the embedding (and an untied head) to new_size rows; new rows are the mean of the
-        existing ones, so new marker tokens start as an "average" token instead of noise."""
+    def resize_vocab(self, new_size: int, like: int | None = None):
+        """Grow the embedding (and an untied head) to new_size rows. New rows copy row ``like``
+        (a token the new ones should start out as) or, without it, the mean of the existing rows,
+        so that new marker tokens start as a known or an "average" token instead of noise."""
         old = self.cfg.vocab_size
         if new_size < old:
             raise ValueError(f"resize_vocab: cannot shrink the vocabulary from {old} to {new_size}")
@@ -547,7 +548,8 @@ class Transformer(nn.Module):
             return
 
         def grow(w):
-            return nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(new_size - old, -1)]))
+            row = w.mean(0, keepdim=True) if like is None else w[like:like + 1]
+            return nn.Parameter(torch.cat([w, row.expand(new_size - old, -1)]))
 
         self.embed_tokens.weight = grow(self.embed_tokens.weight)
         self.embed_tokens.num_embeddings = new_size

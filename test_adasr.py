@@ -202,6 +202,17 @@ def test_resize_vocab_adds_mean_rows(tie):
         m.resize_vocab(50)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_resize_vocab_like_copies_a_row(tie):
+    m = small_model(tie=tie)
+    emb, head = m.embed_tokens.weight[7].clone(), m.lm_head.weight[7].clone()
+    m.resize_vocab(100, like=7)
+    assert torch.equal(m.embed_tokens.weight[97:], emb.expand(3, -1))
+    assert torch.equal(m.lm_head.weight[97:], head.expand(3, -1))
+    logits = m(torch.randint(0, 97, (1, 4)))[0, -1]
+    assert torch.equal(logits[97:], logits[7].expand(3))     # a new marker is as likely as row 7
+
+
 def test_return_hidden_then_logits_equals_forward():
     m = small_model()
     ids = torch.randint(0, 97, (2, 6))
@@ -692,6 +703,17 @@ def test_clock_hand_computed(tiny):
     rtt = _hand_episode(clock, problem, [], [x] * 4 + [pr.eoa], layout="read_then_think")
     assert [t for t, pol in zip(rtt.times, rtt.policy) if pol] == [6.5, 7.0, 7.5, 8.0, 8.5]
     assert rtt.residual_tokens == 5 and rtt.residual_s == pytest.approx(2.5)
+
+
+def test_add_markers_start_as_the_newline_token():
+    tok = train_bpe(["one two three\nfour five\n"] * 4, 300, special_tokens=[])
+    m, old = small_model(vocab=tok.vocab_size), tok.vocab_size
+    newline = tok.encode("\n")
+    assert len(newline) == 1
+    add_markers(m, tok)
+    assert m.cfg.vocab_size == tok.vocab_size == old + len(MARKERS)
+    assert torch.equal(m.embed_tokens.weight[old:],
+                       m.embed_tokens.weight[newline[0]].expand(len(MARKERS), -1))
 
 
 # =============================================================================================
