@@ -458,12 +458,28 @@ class Protocol:
 def add_markers(model, tokenizer) -> None:
     """Give a tokenizer the AdaSR markers and grow the model's embedding to hold them.
 
-    A pretrained model's new marker rows start as copies of its newline token: a marker ends a
+    A pretrained model's new marker rows start as its newline token plus a tenth of the
+    marker's name ("EOT" as its tokenizer spells it, less the mean row). A marker ends a
     sentence, thought or answer, where the model already expects a line break, so it can write
-    `<EOT>` from the first SFT step. Rows at the mean of the embedding give a marker so low a
-    logit that SmolLM2 still never closed a thought after 40 SFT steps (README, "A pretrained
-    model")."""
+    `<EOT>` from the first SFT step; the names make the six rows differ, so that the model can
+    tell `<EOT>` from `<EOR>` (equal rows of a tied embedding get equal logits whatever the model
+    computes); a tenth keeps them close enough to a newline that the model still reads one.
+    Measured (README, "A pretrained model"): mean rows never closed a thought after 40 SFT steps;
+    six equal newlines closed the deep phase with `<EOT>` after 60."""
     tokenizer.add_special_tokens(MARKERS)
-    if tokenizer.vocab_size > model.cfg.vocab_size:
-        newline = tokenizer.encode("\n")
-        model.resize_vocab(tokenizer.vocab_size, like=newline[0] if len(newline) == 1 else None)
+    if tokenizer.vocab_size <= model.cfg.vocab_size:
+        return
+    newline = tokenizer.encode("\n")
+    if len(newline) != 1:
+        model.resize_vocab(tokenizer.vocab_size)
+        return
+    names = [tokenizer.encode(m.strip("<>")) for m in MARKERS]
+    assert [tokenizer.token_id(m) for m in MARKERS] == list(
+        range(model.cfg.vocab_size, tokenizer.vocab_size)), "markers must be the new tokens"
+
+    def init(w):                                   # w: (vocab, dim) -> (6, dim)
+        rows = w[[newline[0]] * len(names)]
+        for row, name in zip(rows, names):
+            row += 0.1 * (w[name].mean(0) - w.mean(0))
+        return rows
+    model.resize_vocab(tokenizer.vocab_size, init=init)

@@ -24,7 +24,6 @@ measures the update's time and the process's peak memory, not learning.
 from __future__ import annotations
 
 import random
-import resource
 import statistics
 import tempfile
 import time
@@ -35,7 +34,8 @@ import torch
 from adasr import Protocol, add_markers
 from data import load_problems, make_synthetic
 from hrpo import HRPOConfig, advantages, rl_update
-from model import ArgumentParser, UserError, load_pretrained, matmul_gflops, run_cli, save_checkpoint
+from model import (ArgumentParser, UserError, load_pretrained, matmul_gflops, peak_memory_gib,
+                   run_cli, save_checkpoint)
 from rewards import Rewards
 from rollout import rollout
 
@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     longest = max(len(ep.tokens) for ep in episodes)
     print(f"  one HRPO update: {time.perf_counter() - t:6.1f} s for {B * G} rows of up to {longest} "
           f"tokens (micro-batch {args.micro_batch}), loss {m['loss']:+.4f}; peak process memory "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+          f"{peak_memory_gib():.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -799,7 +799,7 @@ def _track(rng, key, target, item, others, n_chunks, max_value, max_delta, irrel
     # minority alternative that sampling explores.
     rederive = " ".join(["Recap:"] + recap + last + [final])
     # [ours, measured] After a long stream the full recap re-derives 8-12 events from memory,
-    # which the tiny model garbles (SFT accuracy 0.09); the long task's recap restates the
+    # which the tiny model garbles (README, measured); the long task's recap restates the
     # tracked state instead. Read-then-think has no tracked state: it always re-derives.
     full = " ".join(["Recap:", f"You have {count}."] + last + [final]) if then else rederive
     deep = " ".join(last + [final]) if rng.random() < terse else full

@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import sys
 import time
@@ -97,6 +98,14 @@ def matmul_gflops(seconds: float = 0.5) -> float:
         n += 1
     return 2 * 1024 ** 3 * n / (time.perf_counter() - t0) / 1e9
 
+
+
+def peak_memory_gib(device="cpu") -> float:
+    """The peak memory of this process so far: the GPU's allocator peak on CUDA, else the
+    resident set's high-water mark (what the machine must hold)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
 
 def run_cli(main) -> None:
     """Run a program's `main()`: a UserError ends it with one line on stderr and exit status 2;
@@ -537,10 +546,10 @@ class Transformer(nn.Module):
         return self.lm_head(h).float()
 
     @torch.no_grad()
-    def resize_vocab(self, new_size: int, like: int | None = None):
-        """Grow the embedding (and an untied head) to new_size rows. New rows copy row ``like``
-        (a token the new ones should start out as) or, without it, the mean of the existing rows,
-        so that new marker tokens start as a known or an "average" token instead of noise."""
+    def resize_vocab(self, new_size: int, init=None):
+        """Grow the embedding (and an untied head) to new_size rows. ``init(w)`` gives the new
+        rows (new_size - old, dim) from an existing matrix w (vocab, dim); by default they are
+        the mean of its rows, so that new tokens start as an "average" token instead of noise."""
         old = self.cfg.vocab_size
         if new_size < old:
             raise ValueError(f"resize_vocab: cannot shrink the vocabulary from {old} to {new_size}")
@@ -548,8 +557,8 @@ class Transformer(nn.Module):
             return
 
         def grow(w):
-            row = w.mean(0, keepdim=True) if like is None else w[like:like + 1]
-            return nn.Parameter(torch.cat([w, row.expand(new_size - old, -1)]))
+            rows = w.mean(0, keepdim=True).expand(new_size - old, -1) if init is None else init(w)
+            return nn.Parameter(torch.cat([w, rows.to(w.dtype)]))
 
         self.embed_tokens.weight = grow(self.embed_tokens.weight)
         self.embed_tokens.num_embeddings = new_size

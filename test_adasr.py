@@ -203,14 +203,14 @@ def test_resize_vocab_adds_mean_rows(tie):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_resize_vocab_like_copies_a_row(tie):
+def test_resize_vocab_init_gives_the_new_rows(tie):
     m = small_model(tie=tie)
     emb, head = m.embed_tokens.weight[7].clone(), m.lm_head.weight[7].clone()
-    m.resize_vocab(100, like=7)
+    m.resize_vocab(100, init=lambda w: w[[7, 7, 7]])
     assert torch.equal(m.embed_tokens.weight[97:], emb.expand(3, -1))
     assert torch.equal(m.lm_head.weight[97:], head.expand(3, -1))
     logits = m(torch.randint(0, 97, (1, 4)))[0, -1]
-    assert torch.equal(logits[97:], logits[7].expand(3))     # a new marker is as likely as row 7
+    assert torch.equal(logits[97:], logits[7].expand(3))     # a new token is as likely as row 7
 
 
 def test_return_hidden_then_logits_equals_forward():
@@ -705,15 +705,19 @@ def test_clock_hand_computed(tiny):
     assert rtt.residual_tokens == 5 and rtt.residual_s == pytest.approx(2.5)
 
 
-def test_add_markers_start_as_the_newline_token():
+def test_add_markers_start_as_newlines_that_differ():
     tok = train_bpe(["one two three\nfour five\n"] * 4, 300, special_tokens=[])
     m, old = small_model(vocab=tok.vocab_size), tok.vocab_size
     newline = tok.encode("\n")
     assert len(newline) == 1
+    w = m.embed_tokens.weight.detach().clone()
     add_markers(m, tok)
     assert m.cfg.vocab_size == tok.vocab_size == old + len(MARKERS)
-    assert torch.equal(m.embed_tokens.weight[old:],
-                       m.embed_tokens.weight[newline[0]].expand(len(MARKERS), -1))
+    for i, marker in enumerate(MARKERS):     # a newline that carries the marker's name
+        name = tok.encode(marker.strip("<>"))
+        expected = w[newline[0]] + 0.1 * (w[name].mean(0) - w.mean(0))
+        assert torch.allclose(m.embed_tokens.weight[old + i], expected, atol=1e-6)
+    assert len({tuple(r.tolist()) for r in m.embed_tokens.weight[old:]}) == len(MARKERS)
 
 
 # =============================================================================================
@@ -1758,6 +1762,8 @@ def test_paired_compare_over_two_seeds_writes_every_file(tmp_path, monkeypatch):
     for name in ("grpo", "hrpo"):
         assert {"auc_reward", "half_step"} <= set(ev["per_seed"]["0"][name])
     assert set(ev["wins_vs_grpo"]) == {"hrpo"}
+    seed0 = json.loads((out / "seed0" / "eval.json").read_text())
+    assert seed0["time_s"]["sft"] > 0 and 0.05 < seed0["peak_memory_gib"] < 64
     assert ev["mean"]["read_then_think"]["stream_tokens"] == 0
 
 

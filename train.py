@@ -67,8 +67,8 @@ from adasr import INSTRUCTION, LAYOUTS, MARKERS, Protocol, add_markers
 from data import TASKS, load_problems, synthetic_splits
 from hrpo import HRPOConfig, advantages, group_signal, rl_update, sft_step
 from model import (ArgumentParser, Transformer, UserError, check_device, init_weights,
-                   load_pretrained, recover_checkpoint, run_cli, save_checkpoint, tiny_config,
-                   train_bpe)
+                   load_pretrained, peak_memory_gib, recover_checkpoint, run_cli, save_checkpoint,
+                   tiny_config, train_bpe)
 from rewards import RewardConfig, score, summarize
 from rollout import rollout
 
@@ -708,7 +708,8 @@ def run_eval(run: Run, models: dict) -> dict:
             methods[name].update(learning[name])
     result = {"seed": run.seed, "methods": methods, "wpm": args.wpm, "decode_tps": args.decode_tps,
               "n_held_out": len(run.held_out),
-              "time_s": {k: round(v, 1) for k, v in run.seconds.items()}}
+              "time_s": {k: round(v, 1) for k, v in run.seconds.items()},
+              "peak_memory_gib": round(peak_memory_gib(args.device), 2)}
     write_json(out / "eval.json", result)
     (out / "traces.md").write_text("# One held-out problem per method\n\n" + "\n".join(traces))
     print("\n" + format_table(methods) + "\n")
@@ -721,7 +722,8 @@ def run_eval(run: Run, models: dict) -> dict:
               f"{-cut:+.0%}, skip rate on irrelevant chunks {s['skip_rate_irrelevant']:.2f} → "
               f"{h['skip_rate_irrelevant']:.2f}")
     print("time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in run.seconds.items())
-          + f"; total {(time.time() - run.t0) / 60:.1f} min", flush=True)
+          + f"; total {(time.time() - run.t0) / 60:.1f} min; peak memory "
+          f"{result['peak_memory_gib']:.2f} GiB", flush=True)
     return result
 
 
