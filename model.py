@@ -99,13 +99,13 @@ def matmul_gflops(seconds: float = 0.5) -> float:
     return 2 * 1024 ** 3 * n / (time.perf_counter() - t0) / 1e9
 
 
-
 def peak_memory_gib(device="cpu") -> float:
     """The peak memory of this process so far: the GPU's allocator peak on CUDA, else the
     resident set's high-water mark (what the machine must hold)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+
 
 def run_cli(main) -> None:
     """Run a program's `main()`: a UserError ends it with one line on stderr and exit status 2;
