@@ -465,7 +465,9 @@ def add_markers(model, tokenizer) -> None:
     tell `<EOT>` from `<EOR>` (equal rows of a tied embedding get equal logits whatever the model
     computes); a tenth keeps them close enough to a newline that the model still reads one.
     Measured (README, "A pretrained model"): mean rows never closed a thought after 40 SFT steps;
-    six equal newlines closed the deep phase with `<EOT>` after 60."""
+    six equal newlines closed the deep phase with `<EOT>` after 60. Rows this close apart are
+    slow to separate at a fine-tuning learning rate, so train.py moves them 20× as far per
+    optimizer step (``MARKER_BOOST``)."""
     tokenizer.add_special_tokens(MARKERS)
     if tokenizer.vocab_size <= model.cfg.vocab_size:
         return

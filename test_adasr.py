@@ -720,6 +720,31 @@ def test_add_markers_start_as_newlines_that_differ():
     assert len({tuple(r.tolist()) for r in m.embed_tokens.weight[old:]}) == len(MARKERS)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_boosted_rows_move_factor_times_as_far(tie):
+    from train import boost_rows
+    rows, factor = [3, 90], 20.0
+    steps = []
+    for boost in (False, True):
+        m = small_model(tie=tie).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1)
+        if boost:
+            boost_rows(opt, m, rows, factor)
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        m(torch.tensor([[1, 3, 5, 90, 7]])).logsumexp(-1).sum().backward()
+        opt.step()
+        steps.append({n: p.detach() - before[n] for n, p in m.named_parameters()})
+    plain, boosted = steps
+    for name in plain:
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            others = [i for i in range(97) if i not in rows]
+            assert torch.allclose(boosted[name][rows], factor * plain[name][rows], atol=1e-7)
+            assert plain[name][rows].abs().min() > 0
+            assert torch.equal(boosted[name][others], plain[name][others])
+        else:
+            assert torch.equal(boosted[name], plain[name]), name
+
+
 # =============================================================================================
 # data.py — problems from files and from the generator
 # =============================================================================================

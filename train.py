@@ -350,6 +350,35 @@ def start_model(args, seed: int, train_problems):
     return model, tok
 
 
+# Adam moves every weight by about lr per step, the right pace for a pretrained weight that only
+# needs nudging. A marker row added to a pretrained vocabulary starts as a newline (add_markers)
+# and must travel to a place of its own, and with tied embeddings the six rows can only be told
+# apart at the output once they have moved apart. Measured on SmolLM2 (README, "A pretrained
+# model"), after 8 SFT steps: the loss of choosing the right marker among the six fell from
+# 1.90 nats to 1.24 at lr 1e-4, to 0.68 at lr 3e-4 (which hurt the other tokens: 0.20 vs 0.13),
+# and to 0.08 with the marker rows alone moving 20× as far.
+MARKER_BOOST = 20.0
+
+
+def boost_rows(optimizer, model: Transformer, rows: list[int], factor: float) -> None:
+    """Make every ``optimizer`` step move the embedding rows ``rows`` (and an untied head's)
+    ``factor`` times as far as the optimizer moved them; every other weight moves as usual."""
+    rows = torch.tensor(rows, device=model.device)
+    weights = list({id(w): w for w in (model.embed_tokens.weight, model.lm_head.weight)}.values())
+    before = []
+
+    def pre(*_):
+        before[:] = [w.detach()[rows].clone() for w in weights]
+
+    @torch.no_grad()
+    def post(*_):
+        for w, b in zip(weights, before):
+            w[rows] = b + factor * (w[rows] - b)
+
+    optimizer.register_step_pre_hook(pre)
+    optimizer.register_step_post_hook(post)
+
+
 # ---------------------------------------------------------------------------------------------
 # Jobs
 # ---------------------------------------------------------------------------------------------
@@ -492,6 +521,8 @@ class Run:
         model = self.load(self.out / "checkpoint") if state else copy.deepcopy(start)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
                                       weight_decay=0.0 if job.kind == "rl" else 0.1)
+        if args.model:         # the markers are rows added to a pretrained vocabulary
+            boost_rows(optimizer, model, [self.tok.token_id(m) for m in MARKERS], MARKER_BOOST)
         step = 0
         if state:
             optimizer.load_state_dict(state["optimizer"])
