@@ -1290,6 +1290,8 @@ def test_rewards_hand_computed(tiny):
     s = summarize([ep, wrong], [r, rw])
     assert s["accuracy"] == 0.5 and s["format_rate"] == 1.0 and s["n"] == 2
     assert math.isnan(s["skip_rate_irrelevant"])     # relevance unknown
+    from train import format_table                   # ... and the table says so, not "nan"
+    assert format_table({"sft": s}).splitlines()[-1].split()[-1] == "—"
 
 
 # =============================================================================================

@@ -685,6 +685,8 @@ def format_table(methods: dict[str, dict], sd: dict[str, dict] | None = None,
     """A table as aligned text: one row per method; with ``sd``, each cell is mean ± sd."""
     def cell(name, key, fmt):
         value = methods[name].get(key, float("nan"))
+        if math.isnan(value):          # e.g. no chunk of the held-out set is marked irrelevant
+            return "—"
         return fmt.format(value) + (f" ± {fmt.format(sd[name][key]).lstrip('+')}" if sd else "")
     width = 17 if sd else 11
     head = f"{'method':<16}" + "".join(f"{h:>{width}}" for _, h, _ in columns)
