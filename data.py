@@ -792,7 +792,11 @@ def _track(rng, key, target, item, others, n_chunks, max_value, max_delta, irrel
         sign = 1 if count == 0 or rng.random() < 0.5 else -1
         k = rng.randint(1, 9) if sign > 0 else rng.randint(1, count)
         answer = count + sign * k
-        last = [f"Then {count} {'+' if sign > 0 else '-'} {k} = {answer}."]
+        # The deep phase first restates the question's change in the question's own words, so
+        # that reading the number off the question is a copy (the same words, then the number)
+        # rather than a search for it from "Then 12 +"; measured: README, "The synthetic tasks".
+        change = f"buy {k} more" if sign > 0 else f"give {k} away"
+        last = [f"If you then {change}, {count} {'+' if sign > 0 else '-'} {k} = {answer}."]
     final = f"The answer is {answer}."
     # "Recap:" makes the full recap's first token the same for every problem, so that the SFT
     # model's most likely deep phase is the majority (full) one and the terse one stays the
@@ -804,9 +808,8 @@ def _track(rng, key, target, item, others, n_chunks, max_value, max_delta, irrel
     full = " ".join(["Recap:", f"You have {count}."] + last + [final]) if then else rederive
     deep = " ".join(last + [final]) if rng.random() < terse else full
     question = (f"How many {item[1]} does {target} have at the end?" if target != "You" else
-                f"How many {item[1]} do you have at the end?" if not then else
-                f"How many {item[1]} do you have at the end, if you then "
-                f"{f'buy {k} more' if sign > 0 else f'give {k} away'}?")
+                f"How many {item[1]} do you have at the end, if you then {change}?" if then else
+                f"How many {item[1]} do you have at the end?")
     return Problem(id=f"synthetic/{key}", question=question, chunks=chunks, answer=str(answer),
                    relevant=relevant, thoughts=thoughts, deep=deep, rtt_deep=rederive)
 

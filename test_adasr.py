@@ -1204,8 +1204,12 @@ def test_synthetic_answers_and_flags_match_a_resimulation(task, n_chunks, max_co
             running = re.fullmatch(r"\d+ [+-] \d+ = (\d+)\.|No change, still (\d+)\.|", thought)
             assert running and (relevant == (running[1] is not None))
         state = [t for t in p.thoughts if t][-1].split()[-1]                # copyable state
-        if task == "long":          # the deep phase has work of its own: the question's change
-            last = rf"Then {state[:-1]} [+-] \d+ = {p.answer}\. The answer is {p.answer}\."
+        if task == "long":          # the deep phase has work of its own: the question's change,
+            change = re.search(r"if you then (.*)\?$", p.question)[1]     # restated, then applied
+            k = re.search(r"\d+", change)[0]
+            sign = "+" if change.startswith("buy") else "-"
+            last = (rf"If you then {change}, {state[:-1]} \{sign} {k} = {p.answer}\. "
+                    rf"The answer is {p.answer}\.")
             assert re.search(last + "$", p.deep) and re.search(last + "$", p.rtt_deep)
         else:
             assert state == f"{p.answer}." and p.deep in (p.rtt_deep, f"The answer is {p.answer}.")
