@@ -1798,6 +1798,15 @@ def test_paired_compare_over_two_seeds_writes_every_file(tmp_path, monkeypatch):
     assert ev["mean"]["read_then_think"]["stream_tokens"] == 0
 
 
+def test_presets_set_defaults_that_explicit_options_override():
+    from train import parse_args
+    a = parse_args(["--preset", "long"])
+    assert (a.task, a.budget, a.tiny_dim, a.sft_steps, a.rl_lr) == ("long", 256, 192, 1200, 5e-5)
+    b = parse_args(["--preset", "long", "--sft-steps", "7", "--budget", "300"])
+    assert (b.task, b.sft_steps, b.budget, b.tiny_dim) == ("long", 7, 300, 192)
+    assert parse_args([]).task is None and parse_args([]).sft_steps == 600
+
+
 def test_dynamic_sampling_refills_until_the_batch_has_signal():
     """Groups of fresh problems are rolled out until the batch holds B groups with signal; with
     no signal at all, the cap (the candidates) stops it and the step has nothing to train on."""
