@@ -364,15 +364,30 @@ class KVCache:
     `pos` (B,) is how many tokens each row holds. Rows are independent and *ragged*: a forward
     step gives each row its own number of new tokens (0, 1, or a whole prompt or chunk), written
     at pos[b]..pos[b]+n_b-1, and then advances pos[b] by n_b. Entries at or beyond pos[b] are
-    never read. The buffers start as zeros (not empty) because masked scores are added as -inf
-    and a NaN from uninitialised memory would poison them.
+    never read unmasked. The buffers start as zeros (not empty) because masked scores are added
+    as -inf and a NaN from uninitialised memory would poison them; rows moved by ``select`` may
+    keep another row's (finite) keys beyond their pos, which the mask weighs exactly 0.
+
+    The buffers hold ``capacity`` rows (default: batch_size), of which the first batch_size are
+    in use; ``select`` moves rows inside them and never allocates. On a CPU a fresh buffer of
+    this size costs more in page faults than the copy itself.
     """
 
-    def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, device, dtype):
-        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, device, dtype,
+                 capacity: int | None = None):
+        shape = (n_layers, batch_size if capacity is None else capacity, n_kv_heads, max_len, head_dim)
+        self.buffers = (torch.zeros(shape, device=device, dtype=dtype),
+                        torch.zeros(shape, device=device, dtype=dtype))
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def k(self) -> torch.Tensor:
+        """(n_layers, batch_size, n_kv_heads, max_len, head_dim): the rows in use."""
+        return self.buffers[0][:, :self.batch_size]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.buffers[1][:, :self.batch_size]
 
     @property
     def batch_size(self) -> int:
@@ -416,11 +431,30 @@ class KVCache:
         return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
 
     def select(self, rows: torch.Tensor) -> "KVCache":
-        """Keep / reorder / duplicate rows in place (returns self). `rows` (B',) indexes the current
-        rows: drop finished rows with their indices, or copy a prefilled prompt into G rows with
-        `torch.arange(B).repeat_interleave(G)`."""
-        rows = rows.to(self.pos.device)
-        self.k, self.v, self.pos = self.k[:, rows], self.v[:, rows], self.pos[rows]
+        """New row i is current row rows[i] (returns self): drop finished rows with the indices
+        of those that stay, or copy a prefilled prompt into G rows with
+        ``torch.arange(B).repeat_interleave(G)`` (the cache needs capacity B*G for that).
+
+        Rows move in place, one copy of each row's filled prefix: in ascending order when every
+        row comes from one at or after it (rows[i] >= i: dropping rows), in descending order
+        when from one at or before it (rows[i] <= i: duplicating rows), so that no row is
+        overwritten before it has been read."""
+        src = rows.tolist()
+        if len(src) > self.buffers[0].shape[1]:
+            raise ValueError(f"KV cache select: {len(src)} rows, capacity {self.buffers[0].shape[1]}")
+        if all(r >= i for i, r in enumerate(src)):
+            order = range(len(src))
+        elif all(r <= i for i, r in enumerate(src)):
+            order = reversed(range(len(src)))
+        else:
+            raise ValueError("KV cache select: rows must each come from a row at or after their "
+                             "new place (dropping rows) or at or before it (duplicating rows)")
+        filled = int(self.pos.max()) if len(src) else 0
+        for i in order:
+            if src[i] != i:
+                for buf in self.buffers:
+                    buf[:, i, :, :filled] = buf[:, src[i], :, :filled]
+        self.pos = self.pos[rows.to(self.pos.device)]
         return self
 
 
@@ -495,12 +529,14 @@ class Transformer(nn.Module):
     def dtype(self):
         return self.embed_tokens.weight.dtype
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """A cache for batch_size rows of up to max_len tokens, in the dtype the forward produces
-        keys/values in: the weights' dtype, or the autocast dtype when autocast is on."""
+    def new_cache(self, batch_size: int, max_len: int, capacity: int | None = None) -> KVCache:
+        """A cache for batch_size rows (room for ``capacity``, default batch_size) of up to
+        max_len tokens, in the dtype the forward produces keys/values in: the weights' dtype, or
+        the autocast dtype when autocast is on."""
         c, kind = self.cfg, self.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.dtype
-        return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, self.device, dtype)
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, self.device,
+                       dtype, capacity)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:

@@ -65,7 +65,7 @@ def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: i
     B, G = len(problems), group_size
     blocks = [protocol.blocks(p, layout) for p in problems]
     longest = max(sum(len(ids) for ids, _ in b) for b in blocks) + budget
-    cache = model.new_cache(B, longest)
+    cache = model.new_cache(B, longest, capacity=B * G)
     logits = _forward(model, [b[0][0] for b in blocks], cache)      # prefill every prompt
 
     # Copy each prompt into its G rows.

@@ -110,9 +110,10 @@ def test_cache_select_copies_prompt_into_G_rows():
     m = small_model()
     B, G = 2, 3
     prompts = torch.randint(0, 97, (B, 6))
-    cache = m.new_cache(B, 10)
+    cache = m.new_cache(B, 10, capacity=B * G)
     m(prompts, cache)
     cache.select(torch.arange(B).repeat_interleave(G))
+    assert cache.batch_size == B * G and cache.k.shape[1] == B * G
     cont = torch.randint(0, 97, (B * G, 3))
     got = torch.cat([m(cont[:, t:t + 1], cache) for t in range(3)], 1)
     want = m(torch.cat([prompts.repeat_interleave(G, 0), cont], 1))[:, 6:]
@@ -137,6 +138,10 @@ def test_cache_errors_are_clear():
         m(torch.zeros(2, 5, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="3 rows but the KV cache has 2"):
         m(torch.zeros(3, 1, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="4 rows, capacity 2"):
+        cache.select(torch.tensor([0, 0, 1, 1]))
+    with pytest.raises(ValueError, match="rows must each come from"):      # a swap needs a copy
+        m.new_cache(3, 4).select(torch.tensor([1, 0, 2]))
 
 
 def test_gradient_checkpointing_gives_same_gradients():
@@ -1360,8 +1365,8 @@ class _Steered(torch.nn.Module):
         super().__init__()
         self.model, self.after, self.bonus, self.everywhere = model, after, bonus_token, everywhere
 
-    def new_cache(self, *a):
-        return self.model.new_cache(*a)
+    def new_cache(self, *a, **kw):
+        return self.model.new_cache(*a, **kw)
 
     def forward(self, ids, cache=None, return_hidden=False, lengths=None):
         h = self.model(ids, cache=cache, return_hidden=True, lengths=lengths)
