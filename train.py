@@ -186,6 +186,9 @@ def parse_args(argv=None):
     args.lam = _number_list("--lam", args.lam, float)
     if args.seeds is not None:
         seeds = _number_list("--seeds", args.seeds, int)
+        if "," not in args.seeds and seeds[0] < 1:
+            raise UserError(f"option --seeds = {args.seeds} must be a number of seeds N >= 1 "
+                            "(seeds 0..N-1) or a list; one seed S alone is --seeds S,")
         args.seeds = seeds if "," in args.seeds else list(range(seeds[0]))
     check_args(args)
     return args
