@@ -72,7 +72,7 @@ def main(argv=None):
     hf.generation_config.eos_token_id = tok.eos_id
     prompts = [tok.encode(format_chat(tok, q)) for q in QUESTIONS]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"matmul {matmul_gflops():.0f} GFLOP/s, SmolLM2-135M, {NEW_TOKENS} new tokens per row")
+          f"matmul {matmul_gflops():.0f} GFLOP/s fp32, {matmul_gflops(dtype=torch.bfloat16):.0f} bf16, SmolLM2-135M, {NEW_TOKENS} new tokens per row")
 
     # greedy tokens agree up to the first end token (after it, min_new_tokens forces HF elsewhere)
     ours, theirs = ours_decode(model, prompts[:1], NEW_TOKENS)[0], hf_decode(hf, prompts[:1], NEW_TOKENS, tok.eos_id)[0]

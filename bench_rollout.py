@@ -17,6 +17,10 @@ An untrained model (SmolLM2 as shipped) never writes <EOT>, so its rollout is on
 thought — a pure decode benchmark; a trained AdaSR checkpoint exercises the whole protocol
 (chunks fed between thoughts, rows finishing at different times).
 
+``--bf16`` runs our rollout and update under bf16 autocast (fp32 master weights, as ``train.py
+--bf16``) and generate on a bf16 copy of the weights: on a CPU with bf16 matrix units (Intel
+AMX) it is the fast path; on one without, it is slower than fp32.
+
 Then one HRPO update on those rollouts (on CPU, without activation checkpointing, as train.py
 runs it there), with arbitrary distinct rewards so that every group carries signal: this
 measures the update's time and the process's peak memory, not learning.
@@ -58,6 +62,7 @@ def main(argv=None) -> None:
     ap.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved runs of each side; medians count")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for ours, bf16 weights for generate")
     args = ap.parse_args(argv)
     for name in ("problems", "group", "budget", "micro_batch", "repeats", "threads"):
         if getattr(args, name) < 1:
@@ -76,9 +81,13 @@ def main(argv=None) -> None:
     protocol = Protocol(tok)
     B, G = len(problems), args.group
 
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+
     def ours():
-        return rollout(model, protocol, problems, group_size=G, budget=args.budget,
-                       temperature=1.0, generator=torch.Generator().manual_seed(0))
+        with autocast():
+            return rollout(model, protocol, problems, group_size=G, budget=args.budget,
+                           temperature=1.0, generator=torch.Generator().manual_seed(0))
     episodes = ours()
     n_policy = sum(sum(ep.policy) for ep in episodes)
     n_after_prompt = sum(len(ep.tokens) - ep.prompt_len for ep in episodes)
@@ -86,7 +95,7 @@ def main(argv=None) -> None:
     # transformers on the same weights (through our checkpoint format), same rows, same prompts.
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(model, tok, d)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16 if args.bf16 else torch.float32).eval()
     new_tokens = round(n_after_prompt / (B * G))
     # generate moves all rows in lockstep: to finish every row of a rollout it must run as long
     # as the longest one, and every token a row writes after its end is wasted.
@@ -107,7 +116,8 @@ def main(argv=None) -> None:
     hf_tps = B * G * new_tokens / hf_s
 
     print(f"model {args.model}: B={B} problems × G={G} = {B * G} rows, budget {args.budget}, "
-          f"{torch.get_num_threads()} threads, matmul {matmul_gflops():.0f} GFLOP/s, "
+          f"{torch.get_num_threads()} threads, {'bf16' if args.bf16 else 'fp32'}, matmul "
+          f"{matmul_gflops():.0f} GFLOP/s fp32, {matmul_gflops(dtype=torch.bfloat16):.0f} bf16, "
           f"median of {args.repeats} interleaved runs")
     print(f"  ours     : {ours_s:6.2f} s  policy {n_policy / ours_s:7.1f} tok/s  "
           f"all {n_after_prompt / ours_s:7.1f} tok/s  ({n_policy} policy + "
@@ -123,9 +133,10 @@ def main(argv=None) -> None:
     rewards = [Rewards(0, 0, 0, total=rng.random(), stream=rng.random(), deep=rng.random())
                for _ in episodes]
     t = time.perf_counter()
-    m = rl_update(model, torch.optim.AdamW(model.parameters(), lr=1e-6), episodes,
-                  advantages(rewards, G, HRPOConfig().lam), G, HRPOConfig(),
-                  micro_batch=args.micro_batch)
+    with autocast():
+        m = rl_update(model, torch.optim.AdamW(model.parameters(), lr=1e-6), episodes,
+                      advantages(rewards, G, HRPOConfig().lam), G, HRPOConfig(),
+                      micro_batch=args.micro_batch)
     longest = max(len(ep.tokens) for ep in episodes)
     print(f"  one HRPO update: {time.perf_counter() - t:6.1f} s for {B * G} rows of up to {longest} "
           f"tokens (micro-batch {args.micro_batch}), loss {m['loss']:+.4f}; peak process memory "

@@ -87,10 +87,11 @@ def check_device(device: str) -> None:
         raise UserError(f"option --device = {device!r}: only cpu and cuda are supported")
 
 
-def matmul_gflops(seconds: float = 0.5) -> float:
-    """This machine's fp32 matmul throughput (1024³ products, current thread count), to print
-    beside absolute times: machines of one kind differ by up to 2x, ratios do not."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+def matmul_gflops(seconds: float = 0.5, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's CPU matmul throughput in ``dtype`` (1024³ products, current thread count),
+    to print beside absolute times: machines of one kind differ by up to 2x, ratios do not. bf16
+    is the number that tells whether the CPU has bf16 matrix units (Intel AMX: ~8x fp32)."""
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     a @ b
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:

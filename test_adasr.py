@@ -725,6 +725,21 @@ def test_add_markers_start_as_newlines_that_differ():
     assert len({tuple(r.tolist()) for r in m.embed_tokens.weight[old:]}) == len(MARKERS)
 
 
+def test_only_markers_new_to_a_pretrained_vocabulary_are_boosted(tmp_path):
+    """A pretrained checkpoint without the markers gets six new rows, which every job boosts; a
+    checkpoint this program wrote already holds trained markers, and nothing is boosted."""
+    from train import parse_args, start_model
+    tok = train_bpe(["one two three\nfour five\n"] * 4, 300, special_tokens=[])
+    save_checkpoint(small_model(vocab=tok.vocab_size), tok, tmp_path / "pretrained")
+    model, tok2, new = start_model(parse_args(["--model", str(tmp_path / "pretrained")]), 0, [])
+    assert new == list(range(tok.vocab_size, tok.vocab_size + len(MARKERS))) == \
+        [tok2.token_id(m) for m in MARKERS]
+    save_checkpoint(model, tok2, tmp_path / "ours")
+    assert start_model(parse_args(["--model", str(tmp_path / "ours")]), 0, [])[2] == []
+    problems = make_synthetic(8, seed=0)
+    assert start_model(parse_args(["--tiny-dim", "32"]), 0, problems)[2] == []
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_boosted_rows_move_factor_times_as_far(tie):
     from train import boost_rows

@@ -67,8 +67,8 @@ from adasr import INSTRUCTION, LAYOUTS, MARKERS, Protocol, add_markers
 from data import TASKS, load_problems, synthetic_splits
 from hrpo import HRPOConfig, advantages, group_signal, rl_update, sft_step
 from model import (ArgumentParser, Transformer, UserError, check_device, init_weights,
-                   load_pretrained, peak_memory_gib, recover_checkpoint, run_cli, save_checkpoint,
-                   tiny_config, train_bpe)
+                   load_pretrained, matmul_gflops, peak_memory_gib, recover_checkpoint, run_cli,
+                   save_checkpoint, tiny_config, train_bpe)
 from rewards import RewardConfig, score, summarize
 from rollout import rollout
 
@@ -112,7 +112,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--bf16", action="store_true",
-                   help="bf16 autocast (fp32 master weights); for GPUs, slow on CPUs")
+                   help="bf16 autocast (fp32 master weights): for GPUs and CPUs with bf16 matrix "
+                        "units (Intel AMX); slower than fp32 on other CPUs")
     g.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--save-every", type=int, default=50, help="checkpoint period (steps)")
@@ -337,7 +338,9 @@ def load_data(args, seed: int):
 
 def start_model(args, seed: int, train_problems):
     """The start model: --model (pretrained checkpoint, .gguf or 'smollm2') or a tiny model from
-    scratch whose BPE tokenizer is trained on the gold trajectories' text."""
+    scratch whose BPE tokenizer is trained on the gold trajectories' text. Returns (model,
+    tokenizer, the ids of the marker tokens that were new to the model's vocabulary: none for a
+    tiny model, whose tokenizer is trained with them, or for a checkpoint this program wrote)."""
     if args.model:
         model, tok = load_pretrained(args.model, device=args.device)
         # On a GPU, recompute each block's activations in the backward pass: a pretrained
@@ -354,8 +357,9 @@ def start_model(args, seed: int, train_problems):
                                         n_layers=args.tiny_layers))
         init_weights(model, seed)
         model.to(args.device)
+    known = set(tok.special)
     add_markers(model, tok)
-    return model, tok
+    return model, tok, [tok.token_id(m) for m in MARKERS if m not in known]
 
 
 # Adam moves every weight by about lr per step, the right pace for a pretrained weight that only
@@ -438,7 +442,7 @@ class Run:
             if len(self.train) < getattr(args, option):
                 raise UserError(f"option --{option.replace('_', '-')} = {getattr(args, option)} "
                                 f"is more than the {len(self.train)} training problems")
-        self.model, self.tok = start_model(args, seed, self.train)
+        self.model, self.tok, self.new_markers = start_model(args, seed, self.train)
         self.protocol = Protocol(self.tok, wpm=args.wpm, decode_tps=args.decode_tps)
         self.rewards = RewardConfig(alpha=args.alpha, beta=args.beta, budget=args.budget)
         self.stop = False
@@ -529,8 +533,8 @@ class Run:
         model = self.load(self.out / "checkpoint") if state else copy.deepcopy(start)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
                                       weight_decay=0.0 if job.kind == "rl" else 0.1)
-        if args.model:         # the markers are rows added to a pretrained vocabulary
-            boost_rows(optimizer, model, [self.tok.token_id(m) for m in MARKERS], MARKER_BOOST)
+        if self.new_markers:   # rows added to a pretrained vocabulary, in every job of the run
+            boost_rows(optimizer, model, self.new_markers, MARKER_BOOST)
         step = 0
         if state:
             optimizer.load_state_dict(state["optimizer"])
@@ -764,7 +768,9 @@ def run_eval(run: Run, models: dict) -> dict:
               f"{h['skip_rate_irrelevant']:.2f}")
     print("time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in run.seconds.items())
           + f"; total {(time.time() - run.t0) / 60:.1f} min; peak memory "
-          f"{result['peak_memory_gib']:.2f} GiB", flush=True)
+          f"{result['peak_memory_gib']:.2f} GiB; this machine's matmul: "
+          f"{matmul_gflops():.0f} GFLOP/s fp32, {matmul_gflops(dtype=torch.bfloat16):.0f} bf16 "
+          f"at {torch.get_num_threads()} threads", flush=True)
     return result
 
 
