@@ -1854,6 +1854,26 @@ def test_dynamic_sampling_refills_until_the_batch_has_signal():
 
 
 # =============================================================================================
+# phase_errors.py — which phase a sampled rollout got wrong
+# =============================================================================================
+
+def test_phase_errors_reads_the_carried_state_and_the_answer(tiny):
+    """A gold episode is right in both phases; the same stream with another reference answer is
+    right in the stream and wrong in the answer; a problem whose gold stream carries another
+    number makes the episode's stream wrong."""
+    from dataclasses import replace
+    from phase_errors import classify
+    _, _, protocol, problems = tiny
+    p = problems[0]
+    assert classify(protocol, protocol.gold(p, "stream")) == (True, True)
+    ep = protocol.gold(p, "stream")
+    ep.problem = replace(p, answer=str(int(p.answer) + 1))                # the reference moves
+    assert classify(protocol, ep) == (True, False)
+    ep.problem = replace(p, thoughts=p.thoughts + ["0 + 99 = 99."])     # what the gold carried out
+    assert classify(protocol, ep) == (False, True)
+
+
+# =============================================================================================
 # The command-line programs: a user error is one line `error: ...`, exit status 2, no traceback
 # =============================================================================================
 
@@ -1905,6 +1925,8 @@ BAD_INPUT = {   # case -> (command line, substrings the one line must hold)
     "bench_rollout: --problems 0": (["bench_rollout.py", "--problems", "0"], ["--problems = 0"]),
     "bench_model: --new-tokens 0": (["bench_model.py", "--new-tokens", "0"], ["--new-tokens = 0"]),
     "data: missing file": (["data.py", "{d}/missing.jsonl"], ["missing.jsonl", "no such file"]),
+    "phase_errors: not a run": (["phase_errors.py", "{d}"], ["config.json", "not found"]),
+    "phase_errors: --group 0": (["phase_errors.py", "{d}", "--group", "0"], ["--group = 0"]),
 }
 
 

@@ -1,0 +1,106 @@
+"""phase_errors.py — where sampled rollouts go wrong: in the streaming phase or in the deep phase.
+
+    python phase_errors.py runs/long/seed0                 # sft, grpo, hrpo of one seed's run
+    python phase_errors.py runs/long/seed0 --methods sft   # one model
+
+A diagnostic script (not a test, not a benchmark). HRPO's premise is that a rollout can be right
+in one phase and wrong in the other, and that a single sequence-level verdict then blames the
+phase that did its job. This script measures how often that happens on a synthetic task: it
+rolls out ``--group`` samples of each of ``--problems`` held-out problems of the run (the run's
+own task, seed, budget and temperature, read from its config.json) and sorts every rollout by
+two facts:
+
+* **stream right**: the state carried out of the stream is right — the last number the model
+  wrote while reading equals the last number of the gold streaming thoughts (the tracked count
+  when the stream ends: "18 - 5 = 13." or "No change, still 13.");
+* **answer right**: the episode is correct (``Episode.correct``).
+
+"Stream right, answer wrong" is the case a sequence-level advantage gets wrong for the streaming
+tokens. Only synthetic tasks have a carried state to check, so ``--data`` runs are refused.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from adasr import STREAM, Episode, Protocol
+from data import synthetic_splits
+from model import ArgumentParser, UserError, load_pretrained, run_cli
+from rollout import rollout
+
+_NUMBER = re.compile(r"-?\d+")
+
+
+def last_number(text: str) -> int | None:
+    found = _NUMBER.findall(text)
+    return int(found[-1]) if found else None
+
+
+def classify(protocol: Protocol, ep: Episode) -> tuple[bool, bool]:
+    """(stream right, answer right) of a finished episode of a synthetic problem (see above)."""
+    stream = protocol.text([t for t, pol, ph in zip(ep.tokens, ep.policy, ep.phase)
+                            if pol and ph == STREAM])
+    carried = last_number(" ".join(ep.problem.thoughts))
+    return last_number(stream) == carried, ep.correct
+
+
+CASES = [((True, True), "both right"), ((True, False), "stream right, answer wrong"),
+         ((False, False), "stream wrong, answer wrong"), ((False, True), "stream wrong, answer right")]
+
+
+def main(argv=None) -> None:
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", help="a run directory of train.py for one seed (holds config.json)")
+    ap.add_argument("--methods", default="sft,grpo,hrpo", help="model directories of the run")
+    ap.add_argument("--problems", type=int, default=64, help="held-out problems")
+    ap.add_argument("--group", type=int, default=8, help="samples per problem")
+    ap.add_argument("--seed", type=int, default=1234, help="sampling seed (the same for every model)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    for name in ("problems", "group", "threads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"option --{name} = {getattr(args, name)} must be at least 1")
+    run = Path(args.run)
+    config_file = run / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{config_file}: not found (give the directory of one seed's run)")
+    config = json.loads(config_file.read_text())
+    if config.get("data"):
+        raise UserError(f"{config_file}: field data = {config['data']!r}: only synthetic tasks "
+                        "have a carried state to check")
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if not (run / m / "config.json").is_file():
+            raise UserError(f"option --methods: {run / m} is not a trained model of this run")
+    torch.set_num_threads(args.threads)
+
+    _, held_out = synthetic_splits(config["n_train"], config["n_eval"], config["seed"],
+                                   task=config.get("task") or "you")
+    problems = held_out[:args.problems]
+    print(f"{run}: task {config.get('task') or 'you'}, {len(problems)} held-out problems × "
+          f"{args.group} samples at temperature {config['temperature']}")
+    print(f"{'method':8s}" + "".join(f"{label:>28s}" for _, label in CASES)
+          + f"{'wrong answers, stream right':>30s}")
+    for m in methods:
+        model, tok = load_pretrained(run / m)
+        protocol = Protocol(tok, wpm=config["wpm"], decode_tps=config["decode_tps"])
+        gen = torch.Generator().manual_seed(args.seed)
+        episodes = []
+        for i in range(0, len(problems), 16):
+            episodes += rollout(model, protocol, problems[i:i + 16], group_size=args.group,
+                                budget=config["budget"], temperature=config["temperature"],
+                                generator=gen)
+        counts = dict.fromkeys([case for case, _ in CASES], 0)
+        for ep in episodes:
+            counts[classify(protocol, ep)] += 1
+        n, wrong = len(episodes), counts[(True, False)] + counts[(False, False)]
+        share = f"{counts[(True, False)] / wrong:.2f}" if wrong else "—"
+        print(f"{m:8s}" + "".join(f"{counts[case] / n:28.3f}" for case, _ in CASES) + f"{share:>30s}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)
