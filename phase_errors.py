@@ -10,9 +10,9 @@ rolls out ``--group`` samples of each of ``--problems`` held-out problems of the
 own task, seed, budget and temperature, read from its config.json) and sorts every rollout by
 two facts:
 
-* **stream right**: the state carried out of the stream is right — the last number the model
-  wrote while reading equals the last number of the gold streaming thoughts (the tracked count
-  when the stream ends: "18 - 5 = 13." or "No change, still 13.");
+* **stream right**: the state carried out of the stream is right (``rewards.state_right``) —
+  the last number of the model's streaming thoughts equals the last number of the gold ones
+  (the tracked count when the stream ends: "18 - 5 = 13." or "No change, still 13.");
 * **answer right**: the episode is correct (``Episode.correct``).
 
 "Stream right, answer wrong" is the case a sequence-level advantage gets wrong for the streaming
@@ -21,30 +21,19 @@ tokens. Only synthetic tasks have a carried state to check, so ``--data`` runs a
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
-from adasr import STREAM, Episode, Protocol
+from adasr import Episode, Protocol
 from data import synthetic_splits
 from model import ArgumentParser, UserError, load_pretrained, run_cli
+from rewards import state_right
 from rollout import rollout
 
-_NUMBER = re.compile(r"-?\d+")
-
-
-def last_number(text: str) -> int | None:
-    found = _NUMBER.findall(text)
-    return int(found[-1]) if found else None
-
-
-def classify(protocol: Protocol, ep: Episode) -> tuple[bool, bool]:
+def classify(ep: Episode) -> tuple[bool, bool]:
     """(stream right, answer right) of a finished episode of a synthetic problem (see above)."""
-    stream = protocol.text([t for t, pol, ph in zip(ep.tokens, ep.policy, ep.phase)
-                            if pol and ph == STREAM])
-    carried = last_number(" ".join(ep.problem.thoughts))
-    return last_number(stream) == carried, ep.correct
+    return state_right(ep), ep.correct
 
 
 CASES = [((True, True), "both right"), ((True, False), "stream right, answer wrong"),
@@ -95,7 +84,7 @@ def main(argv=None) -> None:
                                 generator=gen)
         counts = dict.fromkeys([case for case, _ in CASES], 0)
         for ep in episodes:
-            counts[classify(protocol, ep)] += 1
+            counts[classify(ep)] += 1
         n, wrong = len(episodes), counts[(True, False)] + counts[(False, False)]
         share = f"{counts[(True, False)] / wrong:.2f}" if wrong else "—"
         print(f"{m:8s}" + "".join(f"{counts[case] / n:28.3f}" for case, _ in CASES) + f"{share:>30s}",

@@ -29,9 +29,16 @@ Design decisions
   blind to *which* thoughts were dropped, and HRPO learned to skip the chunks that matter (a
   measured failure, README "Things we measured"). The streaming phase builds the state the answer
   is read from, so it shares the answer's credit.
+* [ours, an experiment] ``stream_credit="state"`` gives R^s the correctness of the state the
+  stream carried out instead of the answer's: on a synthetic task the last number written while
+  reading must equal the last number of the gold thoughts (the tracked count when the stream
+  ends). A rollout that read right and then botched the deep phase then keeps credit for its
+  streaming tokens, the separation HRPO is meant to make, which an answer-carrying R^s cannot
+  (README, "On the harder task"). Synthetic tasks only: other data has no checkable state.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from adasr import Episode
@@ -47,10 +54,29 @@ class RewardConfig:
     alpha:  cost of a token the user waits for (written after the last chunk arrived), per budget.
     beta:   cost of a streaming token written while input is still arriving, per budget.
     budget: T, the generation budget in policy tokens; costs are token counts divided by T.
+    stream_credit: what R^s counts as success: "answer" (r_acc) or "state" (``state_right``).
     """
     alpha: float = 0.3
     beta: float = 0.05
     budget: int = 160
+    stream_credit: str = "answer"
+
+
+STREAM_CREDITS = ("answer", "state")
+_NUMBER = re.compile(r"-?\d+")
+
+
+def last_number(text: str) -> int | None:
+    found = _NUMBER.findall(text)
+    return int(found[-1]) if found else None
+
+
+def state_right(ep: Episode) -> bool:
+    """Whether the stream carried the right state out of a finished episode: the last number of
+    its streaming thoughts equals the last number of the problem's gold thoughts (synthetic
+    tasks: "18 - 5 = 13." or "No change, still 13.")."""
+    written = " ".join(t for t in ep.parsed.thoughts if t)
+    return last_number(written) == last_number(" ".join(ep.problem.thoughts))
 
 
 @dataclass(frozen=True)
@@ -73,14 +99,15 @@ def score(ep: Episode, cfg: RewardConfig) -> Rewards:
     r_ada = -alpha * residual_tokens / T - beta * stream_tokens / T
     R     = r_acc + r_fmt + r_ada
     R^s   = r_acc + (0 if streaming phase valid else -1) - beta * stream_tokens / T
-            - alpha * spill / T
+            - alpha * spill / T          (r_state instead of r_acc with stream_credit "state")
     R^d   = r_acc + (0 if deep phase valid else -1) - alpha * deep_tokens / T
     """
     p, T = ep.parsed, cfg.budget
     fmt = 0.0 if p.valid else -1.0
     acc = 1.0 if ep.correct else 0.0
     ada = -cfg.alpha * ep.residual_tokens / T - cfg.beta * ep.stream_tokens / T
-    stream = acc + (0.0 if not p.stream_errors else -1.0) \
+    credit = acc if cfg.stream_credit == "answer" else float(p.valid and state_right(ep))
+    stream = credit + (0.0 if not p.stream_errors else -1.0) \
         - cfg.beta * ep.stream_tokens / T - cfg.alpha * ep.spill_tokens / T
     deep = acc + (0.0 if not p.deep_errors else -1.0) - cfg.alpha * ep.deep_tokens / T
     return Rewards(fmt=fmt, acc=acc, ada=ada, total=acc + fmt + ada, stream=stream, deep=deep)

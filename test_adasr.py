@@ -1318,6 +1318,24 @@ def test_rewards_hand_computed(tiny):
     assert format_table({"sft": s}).splitlines()[-1].split()[-1] == "—"
 
 
+def test_state_credit_keeps_a_right_stream_rewarded_when_the_answer_is_wrong(tiny):
+    """stream_credit "state": R^s counts the state the stream carried out, not the answer; R and
+    R^d do not change. A gold episode scored against a wrong reference: R^s keeps its 1."""
+    from dataclasses import replace
+    from rewards import state_right
+    _, _, protocol, problems = tiny
+    ep = protocol.gold(problems[0], "stream")
+    ep.problem = replace(problems[0], answer=str(int(problems[0].answer) + 1))
+    by_answer = score(ep, RewardConfig())
+    by_state = score(ep, RewardConfig(stream_credit="state"))
+    assert state_right(ep) and by_answer.acc == 0.0
+    assert by_state.stream == pytest.approx(by_answer.stream + 1.0)
+    assert (by_state.total, by_state.deep) == (by_answer.total, by_answer.deep)
+    ep.problem = replace(problems[0], thoughts=problems[0].thoughts + ["0 + 99 = 99."])
+    assert not state_right(ep)
+    assert score(ep, RewardConfig(stream_credit="state")).stream == pytest.approx(by_answer.stream)
+
+
 # =============================================================================================
 # rollout.py — the chunk-by-chunk loop
 # =============================================================================================
@@ -1865,12 +1883,12 @@ def test_phase_errors_reads_the_carried_state_and_the_answer(tiny):
     from phase_errors import classify
     _, _, protocol, problems = tiny
     p = problems[0]
-    assert classify(protocol, protocol.gold(p, "stream")) == (True, True)
+    assert classify(protocol.gold(p, "stream")) == (True, True)
     ep = protocol.gold(p, "stream")
     ep.problem = replace(p, answer=str(int(p.answer) + 1))                # the reference moves
-    assert classify(protocol, ep) == (True, False)
+    assert classify(ep) == (True, False)
     ep.problem = replace(p, thoughts=p.thoughts + ["0 + 99 = 99."])     # what the gold carried out
-    assert classify(protocol, ep) == (False, True)
+    assert classify(ep) == (False, True)
 
 
 # =============================================================================================
@@ -1925,6 +1943,8 @@ BAD_INPUT = {   # case -> (command line, substrings the one line must hold)
     "bench_rollout: --problems 0": (["bench_rollout.py", "--problems", "0"], ["--problems = 0"]),
     "bench_model: --new-tokens 0": (["bench_model.py", "--new-tokens", "0"], ["--new-tokens = 0"]),
     "data: missing file": (["data.py", "{d}/missing.jsonl"], ["missing.jsonl", "no such file"]),
+    "train: --stream-credit state with --data": (["train.py", "--stream-credit", "state", "--data",
+                                                  "{d}/missing.jsonl"], ["--stream-credit", "synthetic"]),
     "phase_errors: not a run": (["phase_errors.py", "{d}"], ["config.json", "not found"]),
     "phase_errors: --group 0": (["phase_errors.py", "{d}", "--group", "0"], ["--group = 0"]),
 }

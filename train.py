@@ -69,7 +69,7 @@ from hrpo import HRPOConfig, advantages, group_signal, rl_update, sft_step
 from model import (ArgumentParser, Transformer, UserError, check_device, init_weights,
                    load_pretrained, matmul_gflops, peak_memory_gib, recover_checkpoint, run_cli,
                    save_checkpoint, tiny_config, train_bpe)
-from rewards import RewardConfig, score, summarize
+from rewards import STREAM_CREDITS, RewardConfig, score, summarize
 from rollout import rollout
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +161,9 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("rewards and clock")
     g.add_argument("--alpha", type=float, default=rcfg.alpha, help="cost of a residual token, per T")
     g.add_argument("--beta", type=float, default=rcfg.beta, help="cost of a streaming token, per T")
+    g.add_argument("--stream-credit", default=rcfg.stream_credit, choices=STREAM_CREDITS,
+                   help="success in HRPO's streaming reward R^s: the answer's, or the carried "
+                        "state's (synthetic tasks; an experiment, README)")
     g.add_argument("--wpm", type=float, default=Protocol.WPM, help="words per minute of the stream")
     g.add_argument("--decode-tps", type=float, default=Protocol.DECODE_TPS,
                    help="model tokens per second")
@@ -215,6 +218,8 @@ def check_args(args) -> None:
         ("--decode-tps", args.decode_tps > 0, "positive"),
         ("--alpha", args.alpha >= 0, "at least 0"),
         ("--beta", args.beta >= 0, "at least 0"),
+        ("--stream-credit", args.stream_credit == "answer" or args.data is None,
+         "answer with --data (only the synthetic tasks have a carried state to check)"),
         ("--sft-steps", args.sft_steps >= 1, "at least 1"),
         ("--rl-steps", args.rl_steps >= 1, "at least 1"),
         ("--sft-batch", args.sft_batch >= 1, "at least 1"),
@@ -444,7 +449,8 @@ class Run:
                                 f"is more than the {len(self.train)} training problems")
         self.model, self.tok, self.new_markers = start_model(args, seed, self.train)
         self.protocol = Protocol(self.tok, wpm=args.wpm, decode_tps=args.decode_tps)
-        self.rewards = RewardConfig(alpha=args.alpha, beta=args.beta, budget=args.budget)
+        self.rewards = RewardConfig(alpha=args.alpha, beta=args.beta, budget=args.budget,
+                                    stream_credit=args.stream_credit)
         self.stop = False
         self.seconds = {"sft": 0.0, "rollout": 0.0, "update": 0.0, "eval": 0.0}
         self.t0 = time.time()
