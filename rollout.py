@@ -50,7 +50,10 @@ def _forward(model, feeds: list[list[int]], cache) -> torch.Tensor:
     return model.logits(hidden[torch.arange(len(feeds), device=device), last])
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: under bf16 autocast, the casts of the weights are cached for the
+# whole rollout only outside inference mode; inside it every decode step casts every weight again
+# (measured, SmolLM2, a step of 32 rows on an AMX CPU: 107 ms, vs 55 ms cached and 83 ms fp32).
+@torch.no_grad()
 def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: int = 1,
             layout: str = "stream", budget: int, temperature: float,
             generator: torch.Generator | None = None,
