@@ -1713,6 +1713,28 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
         assert torch.allclose(p, q, atol=1e-6), name
 
 
+def test_a_resumed_run_evaluates_again_only_what_it_trained_again(tmp_path, capsys):
+    """All trained and evaluated: a resumed run only reads eval.json. A model deleted and trained
+    again: its evaluation is new, not the deleted model's."""
+    import shutil
+    import train
+    out = tmp_path / "run"
+    args = TINY_RUN + ["--sft-steps", "3", "--rl-steps", "2", "--out", str(out)]
+    train.main(args)
+    first = json.loads((out / "eval.json").read_text())
+    capsys.readouterr()
+    train.main(args + ["--resume"])
+    assert "every method already evaluated" in capsys.readouterr().out
+    shutil.rmtree(out / "hrpo")
+    stale = dict(first, methods={**first["methods"], "hrpo": {**first["methods"]["hrpo"],
+                                                              "accuracy": -1.0}})
+    (out / "eval.json").write_text(json.dumps(stale))          # what a deleted model had scored
+    train.main(args + ["--resume"])
+    assert "every method already evaluated" not in capsys.readouterr().out
+    assert (out / "hrpo" / "config.json").exists()
+    assert json.loads((out / "eval.json").read_text())["methods"]["hrpo"]["accuracy"] >= 0
+
+
 def test_hard_kill_while_writing_a_checkpoint_resumes_to_the_same_weights(tmp_path):
     """SIGKILL in the middle of writing the step-4 checkpoint: the step-2 checkpoint is intact,
     --resume continues from it, the metrics are logged once per step, and the final weights are

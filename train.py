@@ -452,6 +452,7 @@ class Run:
         self.rewards = RewardConfig(alpha=args.alpha, beta=args.beta, budget=args.budget,
                                     stream_credit=args.stream_credit)
         self.stop = False
+        self.trained = []                # the jobs this process trained (not found trained)
         self.seconds = {"sft": 0.0, "rollout": 0.0, "update": 0.0, "eval": 0.0}
         self.t0 = time.time()
         # The gold episodes of the SFT jobs, tokenised once; a gold trajectory longer than the
@@ -574,6 +575,7 @@ class Run:
                 print(f"saved {self.out / 'checkpoint'} at step {step}; "
                       f"continue with --resume --out {self.args.out}")
             sys.exit(130)
+        self.trained.append(job.name)
         if self.d.main:
             save_checkpoint(model, self.tok, final)
             self.save_state(job, step, model, optimizer)
@@ -904,7 +906,8 @@ def plot_compare(out: Path, seeds: list[int]) -> None:
 
 def train_seed(args, seed: int, out: Path, d: Dist) -> dict | None:
     """Train and evaluate every job of one seed in ``out``; returns eval.json's content (rank 0).
-    A resumed run whose eval.json already covers every method is not evaluated again."""
+    A resumed run that trained nothing and whose eval.json already covers every method is not
+    evaluated again (one that trained a job again, say after its directory was deleted, is)."""
     run = Run(args, seed, out, d)
     if d.main:
         print(f"run {out}: seed {seed}, {len(run.train)} training / {len(run.held_out)} held-out "
@@ -917,7 +920,8 @@ def train_seed(args, seed: int, out: Path, d: Dist) -> dict | None:
     if args.stage == "eval":
         trained = {"model": (run.model, args.layout)}
     done = out / "eval.json"
-    if args.resume and done.exists() and set(trained) <= set(json.loads(done.read_text())["methods"]):
+    if args.resume and done.exists() and not run.trained \
+            and set(trained) <= set(json.loads(done.read_text())["methods"]):
         print(f"[eval] {out}: every method already evaluated")
         result = json.loads(done.read_text())
         return {**result, "methods": {k: v for k, v in result["methods"].items() if k in trained}}
