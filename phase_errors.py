@@ -21,15 +21,17 @@ tokens. Only synthetic tasks have a carried state to check, so ``--data`` runs a
 from __future__ import annotations
 
 import json
+from argparse import Namespace
 from pathlib import Path
 
 import torch
 
 from adasr import Episode, Protocol
-from data import synthetic_splits
 from model import ArgumentParser, UserError, load_pretrained, run_cli
 from rewards import state_right
 from rollout import rollout
+from train import load_data
+
 
 def classify(ep: Episode) -> tuple[bool, bool]:
     """(stream right, answer right) of a finished episode of a synthetic problem (see above)."""
@@ -66,9 +68,7 @@ def main(argv=None) -> None:
             raise UserError(f"option --methods: {run / m} is not a trained model of this run")
     torch.set_num_threads(args.threads)
 
-    _, held_out = synthetic_splits(config["n_train"], config["n_eval"], config["seed"],
-                                   task=config.get("task") or "you")
-    problems = held_out[:args.problems]
+    problems = load_data(Namespace(**config), config["seed"])[1][:args.problems]   # the run's held-out
     print(f"{run}: task {config.get('task') or 'you'}, {len(problems)} held-out problems × "
           f"{args.group} samples at temperature {config['temperature']}")
     print(f"{'method':8s}" + "".join(f"{label:>28s}" for _, label in CASES)

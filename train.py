@@ -774,11 +774,12 @@ def run_eval(run: Run, models: dict) -> dict:
         print(f"HRPO vs SFT: accuracy {h['accuracy'] - s['accuracy']:+.3f}, residual tokens "
               f"{-cut:+.0%}, skip rate on irrelevant chunks {s['skip_rate_irrelevant']:.2f} → "
               f"{h['skip_rate_irrelevant']:.2f}")
+    machine = "" if torch.device(args.device).type != "cpu" else (   # to scale the times by
+        f"; this machine's matmul: {matmul_gflops():.0f} GFLOP/s fp32, "
+        f"{matmul_gflops(dtype=torch.bfloat16):.0f} bf16 at {torch.get_num_threads()} threads")
     print("time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in run.seconds.items())
           + f"; total {(time.time() - run.t0) / 60:.1f} min; peak memory "
-          f"{result['peak_memory_gib']:.2f} GiB; this machine's matmul: "
-          f"{matmul_gflops():.0f} GFLOP/s fp32, {matmul_gflops(dtype=torch.bfloat16):.0f} bf16 "
-          f"at {torch.get_num_threads()} threads", flush=True)
+          f"{result['peak_memory_gib']:.2f} GiB" + machine, flush=True)
     return result
 
 
