@@ -171,7 +171,8 @@ def policy_logprobs(model, batch: Batch, temperature: float, max_logits: int = 2
 
     Returns (logp, entropy), each (P,) with P = batch.n_tokens, in row-major order of the policy
     positions; entropy is detached (a metric, not a loss term; None when not asked for). The
-    forward computes each episode's real tokens only (``lengths``: no matmul on padding). The
+    forward computes each episode's real tokens only (``lengths``: no matmul on padding), and
+    the prefix that the micro-batch's episodes share (the instruction) once. The
     vocabulary projection runs on chunks of at most ``max_logits`` logits (positions × vocab);
     when there is more than one chunk each runs under activation checkpointing, so no chunk's
     logits are kept for the backward pass.
