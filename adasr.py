@@ -25,10 +25,10 @@ What this file owns
   turns a batch of them into tensors for the loss. Nothing else is passed around.
 * ``Protocol`` — how a problem becomes observation tokens (``blocks``), gold episodes for SFT in
   both layouts, parsing an episode back into thoughts / skips / deep reasoning / answer, the
-  latency clock of method.md §2, and rendering an episode as a readable trace.
+  latency clock of docs/method.md §2, and rendering an episode as a readable trace.
 
-This module imports nothing from the project: it is the base that data.py, rewards.py,
-rollout.py, hrpo.py and train.py build on.
+This module imports only cli.py's error from the project: it is the base that data.py,
+tasks.py, rewards.py, rollout.py, hrpo.py and train.py build on.
 
 Design decisions
 ----------------
@@ -46,7 +46,7 @@ Design decisions
   guesses that the input is over.
 * [ours] There is no thought on the question itself (StreamingThinker writes a restatement of the
   question there; its loader drops it).
-* The clock (method.md §2) runs as tokens are appended, so an Episode's latency figures are right
+* The clock (docs/method.md §2) runs as tokens are appended, so an Episode's latency figures are right
   at every moment, also halfway through a rollout: chunk k arrives at a_k = words(chunks 0..k) /
   (wpm/60) seconds, the question at 0; the model writes ``decode_tps`` tokens per second and
   starts on chunk k at max(a_k, end of its previous thought). Residual latency = t(last token) −
@@ -58,6 +58,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
+
+from cli import CheckpointError
 
 MARKERS = ["<EOQ>", "<EOS>", "<EOT>", "<EOI>", "<EOR>", "<EOA>"]
 """End of question, end of sentence (chunk), end of thought, end of input (the stream is over),
@@ -120,7 +122,7 @@ def extract_answer(text: str) -> str | None:
 
 
 _FRAC = re.compile(r"\\d?frac\{([^{}]*)\}\{([^{}]*)\}")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")
+_ANSWER_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")
 
 
 def normalize_answer(s: str) -> str:
@@ -136,7 +138,7 @@ def normalize_answer(s: str) -> str:
     t = _FRAC.sub(r"\1/\2", t)
     t = t.replace("$", "").replace("%", "").replace("\\!", "")
     t = re.sub(r"(?<=\d),(?=\d{3}\b)", "", t)          # 1,000 -> 1000 (not "1, 2")
-    numbers = _NUMBER.findall(t)
+    numbers = _ANSWER_NUMBER.findall(t)
     if len(numbers) == 1:
         num, _, den = numbers[0].partition("/")
         try:
@@ -463,21 +465,22 @@ def add_markers(model, tokenizer) -> None:
     sentence, thought or answer, where the model already expects a line break, so it can write
     `<EOT>` from the first SFT step; the names make the six rows differ, so that the model can
     tell `<EOT>` from `<EOR>` (equal rows of a tied embedding get equal logits whatever the model
-    computes); a tenth keeps them close enough to a newline that the model still reads one.
-    Measured (README, "A pretrained model"): mean rows never closed a thought after 40 SFT steps;
-    six equal newlines closed the deep phase with `<EOT>` after 60. Rows this close apart are
-    slow to separate at a fine-tuning learning rate, so train.py moves them 20× as far per
-    optimizer step (``MARKER_BOOST``)."""
+    computes); a tenth keeps them close enough to a newline that the model still reads one
+    (the alternatives that failed: docs/smollm2.md). Rows this close apart are slow to separate
+    at a fine-tuning learning rate, so train.py moves them 20× as far per optimizer step
+    (``MARKER_BOOST``)."""
     tokenizer.add_special_tokens(MARKERS)
     if tokenizer.vocab_size <= model.cfg.vocab_size:
         return
     newline = tokenizer.encode("\n")
+    if [tokenizer.token_id(m) for m in MARKERS] != list(range(model.cfg.vocab_size, tokenizer.vocab_size)):
+        raise CheckpointError(f"the model's vocabulary ({model.cfg.vocab_size} rows) does not "
+                              f"match its tokenizer's ({tokenizer.vocab_size} tokens with the "
+                              "markers): the checkpoint's tokenizer.json is not its model's")
     if len(newline) != 1:
         model.resize_vocab(tokenizer.vocab_size)
         return
     names = [tokenizer.encode(m.strip("<>")) for m in MARKERS]
-    assert [tokenizer.token_id(m) for m in MARKERS] == list(
-        range(model.cfg.vocab_size, tokenizer.vocab_size)), "markers must be the new tokens"
 
     def init(w):                                   # w: (vocab, dim) -> (6, dim)
         rows = w[[newline[0]] * len(names)]

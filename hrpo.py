@@ -1,6 +1,6 @@
 """hrpo.py — Hierarchical Relative Policy Optimisation: advantages, the clipped loss, the updates.
 
-The whole algorithm, for a group of G rollouts of one problem (method.md §4):
+The whole algorithm, for a group of G rollouts of one problem (docs/method.md §4):
 
     Â^g_i = (R_i   − mean R)   / (std R   + ε)      global reward, as in GRPO
     Â^s_i = (R^s_i − mean R^s) / (std R^s + ε)      streaming-phase reward
@@ -24,14 +24,14 @@ acts. That is also where the sample efficiency comes from: a rollout is the expe
 What this file owns: the advantages (``advantages``, ``group_signal``), turning episodes into
 padded tensors (``collate``), log-probabilities of policy tokens under the current model
 (``policy_logprobs``), the clipped loss (``clipped_loss``), the RL update of one rollout batch
-with its metrics (``rl_update``), and the SFT step (``sft_step``) that shares the same machinery.
+with its metrics (``rl_update``), and the SFT step (``sft_update``) that shares the same machinery.
 
 Design decisions
 ----------------
 * std is the population std of the group (G samples are the whole population we normalise).
-  A group whose rewards are all equal (std below ε) has exactly zero advantage; such groups carry
-  no signal and are dropped before the forward pass (train.py refills the batch: DAPO's dynamic
-  sampling).
+  A group whose rewards are all equal (std below ε) has exactly zero advantage; such a group
+  carries no signal, and train.py's dynamic sampling (DAPO) replaces it by a fresh one before
+  the update (``group_signal`` tells which).
 * The token mean is per optimiser step: each mini-batch's loss is its token sum divided by the
   number of policy tokens *of that mini-batch* (over all data-parallel ranks), counted before it
   is split into micro-batches. So every update has the same scale whatever M is, a long rollout
@@ -48,7 +48,7 @@ Design decisions
 * [ours] λ = 0.25 by default: the phase rewards differ from the global one only in which costs
   they count, and group normalisation makes a one-token difference in streaming length a
   full-size advantage; a quarter of local signal teaches skipping without letting length
-  differences outvote the answer (README, "Things we measured").
+  differences outvote the answer (docs/results.md).
 """
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from adasr import DEEP, Episode
-from model import log_probs
 from rewards import Rewards
+from rollout import log_probs
 
 
 @dataclass(frozen=True)
@@ -310,25 +310,25 @@ STATS = ("loss", "entropy", "clip_low", "clip_high", "ratio_dev", "kl_rollout")
 def rl_update(model, optimizer, episodes: list[Episode],
               advantage: tuple[torch.Tensor, torch.Tensor], group_size: int, cfg: HRPOConfig,
               micro_batch: int, ref_model=None, max_grad_norm: float = 1.0) -> dict:
-    """The HRPO update of one rollout batch (this rank's grouped rollouts and their
-    ``advantages``): ``cfg.epochs`` passes over ``cfg.mini_batches`` mini-batches of whole
-    groups, one optimiser step each, all with π_old = the rollout's log-probs. Returns the
-    update's metrics (``loss``, ``grad_norm``: means over updates; ``entropy``, clip fractions,
-    mean |ρ − 1| and ``kl_rollout``: means over all policy tokens of all updates; ``updates``:
-    optimiser steps taken).
+    """The HRPO update of one rollout batch: this rank's grouped rollouts ``episodes`` (B*G) and
+    their ``advantages`` (A_stream, A_deep, each (B*G,)). ``cfg.epochs`` passes over
+    ``cfg.mini_batches`` mini-batches of whole groups, one optimiser step each, all with π_old =
+    the rollout's log-probs. Returns the update's metrics (``loss``, ``grad_norm``: means over
+    updates; ``entropy``, clip fractions, mean |ρ − 1| and ``kl_rollout``: means over all policy
+    tokens of all updates; ``updates``: optimiser steps taken).
 
-    Groups with no signal (all advantages zero) are dropped first: they would only dilute the
-    token mean. A mini-batch that holds no policy token on any rank is skipped on every rank.
+    Every group given is trained on: choosing the groups with signal is dynamic sampling's job
+    (train.py), since a group without signal only dilutes the token mean. A mini-batch that
+    holds no policy token on any rank is skipped on every rank.
     """
     device = next(model.parameters()).device
     a_stream, a_deep = advantage
-    signal = group_signal(a_stream, a_deep, group_size)                         # (B,)
-    kept = signal.nonzero().flatten().tolist()
+    n_groups = len(episodes) // group_size
     totals: dict[str, float] = {}
     n_all, updates = 0.0, 0
     for _ in range(cfg.epochs):
-        for part in split_groups(len(kept), cfg.mini_batches):
-            rows = [kept[g] * group_size + i for g in part for i in range(group_size)]
+        for part in split_groups(n_groups, cfg.mini_batches):
+            rows = [g * group_size + i for g in part for i in range(group_size)]
             n_tokens = int(global_sum(float(sum(sum(episodes[r].policy) for r in rows)), device))
             if n_tokens == 0:
                 continue
@@ -351,13 +351,13 @@ def rl_update(model, optimizer, episodes: list[Episode],
             for k in STATS:
                 totals[k] = totals.get(k, 0.0) + global_sum(step.get(k, 0.0), device)
             totals["grad_norm"] = totals.get("grad_norm", 0.0) + step["grad_norm"]   # global already
-    metrics = {"zero_signal": 1.0 - float(signal.float().mean()), "updates": float(updates)}
+    metrics = {"updates": float(updates)}
     for k, v in totals.items():            # loss, grad_norm: per update; the rest: per token
         metrics[k] = v / (updates if k in ("loss", "grad_norm") else n_all)
     return metrics
 
 
-def sft_step(model, optimizer, episodes: list[Episode], micro_batch: int,
+def sft_update(model, optimizer, episodes: list[Episode], micro_batch: int,
              max_grad_norm: float = 1.0) -> dict:
     """One supervised step: next-token cross-entropy on the policy tokens of gold episodes
     (observations are context, never targets), averaged over all policy tokens of the step."""

