@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 import resource
 import time
 from pathlib import Path
@@ -266,8 +267,8 @@ def plot_timeline(path: Path, episodes: dict) -> None:
     names = list(episodes)
     ep0 = episodes[names[0]]
     problem, arrivals = ep0.problem, ep0.arrivals
-    end = max(max(ep.times) for ep in episodes.values())
-    fig, ax = plt.subplots(figsize=(13, 1.6 + 0.9 * len(names)), layout="constrained")
+    end = max([arrivals[-1]] + [max(ep.times) for ep in episodes.values()])
+    fig, ax = plt.subplots(figsize=(13, 1.6 + 0.9 * len(names)))
     lanes = {name: len(names) - i for i, name in enumerate(names)}
     top = len(names) + 1
     for k, chunk in enumerate(problem.chunks):
@@ -294,11 +295,10 @@ def plot_timeline(path: Path, episodes: dict) -> None:
                   ["stream"] + [f"{n} ({'✓' if episodes[n].correct else '✗'})" for n in names])
     ax.set_ylim(0.3, top + 0.6)
     ax.set_xlim(0, end * 1.03)
-    ax.set_xlabel("seconds (chunk k arrives at the end of its bar; the dashed line is the end of "
-                  "the input)")
-    ax.set_title(f"{problem.question}  (blue: streaming thought, x: skip, orange: deep phase)",
-                 fontsize=9)
-    fig.savefig(path, dpi=90)
+    ax.set_xlabel("seconds (chunk k arrives at the end of its bar; dashed: the end of the input)")
+    ax.set_title("\n".join(textwrap.wrap(f"{problem.question}  (blue: streaming thought, x: skip, "
+                                          "orange: deep phase)", 140)), fontsize=9)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
