@@ -18,6 +18,7 @@ It imports nothing from the project: every other module may import it.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import sys
 
@@ -34,14 +35,28 @@ class CheckpointError(UserError):
     """A checkpoint, tokenizer or GGUF file that cannot be loaded; the message names file and field."""
 
 
+# What the machine, not the program, did wrong: a full disk, a read-only file system, no
+# permission. One line, like bad input: there is nothing in a traceback for the user to read.
+ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def run_cli(main) -> None:
-    """Run a program's `main()`: a UserError ends it with one line on stderr and exit status 2;
-    any other exception is a bug and keeps its traceback."""
+    """Run a program's `main()`: a UserError — or a full disk, a read-only file system, missing
+    permissions — ends it with one line on stderr and exit status 2; a second Ctrl-C with one
+    line and status 130; any other exception is a bug and keeps its traceback."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRORS:
+            raise
+        print(f"error: {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: stopped without saving (the last checkpoint is intact)", file=sys.stderr)
+        sys.exit(130)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -50,7 +50,8 @@ class DataError(UserError):
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "mt", "vs"}
 # Sentence-ending punctuation, optional closing quotes or brackets, then the single space left
 # after whitespace is collapsed. "3.5" and "$1.50" never match: no space follows their period.
-_BOUNDARY = re.compile(r"[.?!]+[\"')\]]* ")
+# The full-width ends of Chinese and Japanese text (。？！) end a sentence with or without one.
+_BOUNDARY = re.compile(r"[.?!]+[\"')\]]* |[。？！]+[」』）\"')\]]* ?")
 # First words of a sentence that asks even without a "?" ("Find the total cost.").
 _ASKING_WORDS = {"how", "what", "which", "who", "whom", "whose", "why",
                  "find", "calculate", "compute", "determine"}
@@ -61,16 +62,18 @@ def split_sentences(text: str) -> list[str]:
 
     A sentence ends at ".", "?" or "!" followed by a space, except after an abbreviation
     ("Mr.", "Dr.", "St.") and when the next word starts in lower case ("5 p.m. and then"), which
-    does not begin a new sentence.
+    does not begin a new sentence; and at "。", "？" or "！", space or not.
     """
     text = " ".join(text.split())
     sentences, start = [], 0
     for m in _BOUNDARY.finditer(text):
-        next_char = text[m.end()]  # the collapsed text never ends with a space
+        if m.end() == len(text):   # a full-width end at the very end: the last sentence
+            break
+        next_char = text[m.end()]
         word = text[start:m.start()].rsplit(" ", 1)[-1].lstrip("\"'([").lower()
         if next_char.islower() or (text[m.start()] == "." and word in _ABBREVIATIONS):
             continue
-        sentences.append(text[start:m.end() - 1])
+        sentences.append(text[start:m.end()].rstrip(" "))
         start = m.end()
     if start < len(text):
         sentences.append(text[start:])
@@ -80,7 +83,7 @@ def split_sentences(text: str) -> list[str]:
 def _asks(sentence: str) -> bool:
     """Whether a sentence asks: it ends with "?" or starts with an asking word."""
     first_word = sentence.split(" ", 1)[0].strip(",").lower()
-    return sentence.rstrip("\"')]").endswith("?") or first_word in _ASKING_WORDS
+    return sentence.rstrip("\"')]」』）").endswith(("?", "？")) or first_word in _ASKING_WORDS
 
 
 def split_question(text: str) -> tuple[str, list[str]]:
@@ -90,8 +93,8 @@ def split_question(text: str) -> tuple[str, list[str]]:
     in their order, become the chunks. If no sentence asks, the last sentence is the question.
     """
     sentences = split_sentences(text)
-    if not sentences:
-        raise DataError("the text has no sentences")
+    if not any(c.isalnum() for s in sentences for c in s):
+        raise DataError(f"the text {text!r} has no sentence with a word in it")
     asking = [i for i, s in enumerate(sentences) if _asks(s)]
     q = asking[-1] if asking else len(sentences) - 1
     return sentences[q], sentences[:q] + sentences[q + 1:]
@@ -121,7 +124,10 @@ def _read_records(path: Path, skip_bad: bool, errors: list[DataError]) -> list[_
     """The JSON objects of a file that holds one JSON list or JSON lines (blank lines ignored)."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     located = []  # (n, where, decoded value)
     if text.lstrip().startswith("["):
         try:
@@ -164,8 +170,9 @@ def _field(record: _Record, *keys: str) -> str:
     return value
 
 
-# A GSM8K final answer: integer or decimal, maybe negative (commas already removed).
-_FINAL_ANSWER = re.compile(r"-?\d+(?:\.\d+)?")
+# A GSM8K final answer: integer or decimal, maybe negative, thousands commas allowed
+# ("1,200"; "1,2,3" is not a number).
+_FINAL_ANSWER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
 def _parse_gsm8k(name: str, record: _Record) -> Problem:
@@ -173,9 +180,10 @@ def _parse_gsm8k(name: str, record: _Record) -> Problem:
     The streaming gold comes from the solution's steps (streaming_gold)."""
     question, chunks = split_question(_field(record, "question"))
     solution, sep, final = _field(record, "answer").rpartition("####")
-    final = final.strip().replace(",", "")
+    final = final.strip()
     if not sep or not _FINAL_ANSWER.fullmatch(final):
-        raise DataError(f"{record.where}: field 'answer' does not end with '#### N'")
+        raise DataError(f"{record.where}: field 'answer' does not end with '#### N' (a number)")
+    final = final.replace(",", "")
     thoughts, deep, rtt_deep = streaming_gold(question, chunks, solution, final)
     return Problem(id=f"{name}:{record.n}", question=question, chunks=chunks, answer=final,
                    thoughts=thoughts, deep=deep, rtt_deep=rtt_deep)
@@ -230,14 +238,20 @@ def _parse_streamingthinker(name: str, record: _Record) -> Problem:
 _MARKER = re.compile(r"<EO[A-Z]>")
 
 
+def marker_in(text: str) -> str | None:
+    """The first protocol marker written inside ``text`` (user text must hold none), or None."""
+    m = _MARKER.search(text)
+    return m.group() if m else None
+
+
 def _check_markers(record: _Record, problem: Problem) -> Problem:
     """The problem, once no text in it holds a marker token (adasr.py owns the markers)."""
     texts = {"question": problem.question, "deep": problem.deep, "rtt_deep": problem.rtt_deep}
     texts |= {f"chunks[{i}]": c for i, c in enumerate(problem.chunks)}
     texts |= {f"thoughts[{i}]": t for i, t in enumerate(problem.thoughts or [])}
     for field, text in texts.items():
-        if text and (m := _MARKER.search(text)):
-            raise DataError(f"{record.where}: marker {m.group()} left inside {field}: {text!r}")
+        if text and (m := marker_in(text)):
+            raise DataError(f"{record.where}: marker {m} left inside {field}: {text!r}")
     return problem
 
 

@@ -73,6 +73,12 @@ class ModelConfig:
     def from_hf(cls, d: dict, path) -> "ModelConfig":
         """Parse a HF config.json dict; `path` is only used to name the file in errors."""
 
+        def reject(field, value, why):
+            raise CheckpointError(f"{path}: field '{field}' = {value!r} is not supported ({why})")
+
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+
         def get(key, default=..., kind=None):
             """Field ``key``; with ``kind`` int (a positive count) or float it must be one."""
             if key not in d or d[key] is None:

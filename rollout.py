@@ -39,7 +39,7 @@ import torch
 from adasr import DEEP, LAYOUTS, STREAM, Episode, Problem, Protocol, add_markers
 from checkpoint import load_pretrained
 from cli import ArgumentParser, UserError, check_device, check_options, run_cli
-from data import load_problems, split_question
+from data import load_problems, marker_in, split_question
 from rewards import RewardConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +165,19 @@ def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: i
     return [s.ep for s in streams]
 
 
+def check_context(model, protocol: Protocol, problems: list[Problem], budget: int) -> None:
+    """Every problem's observations plus ``budget`` policy tokens must fit the model's context
+    (``max_seq_len``, the positions it was trained on): past it RoPE extrapolates and the logits
+    are quietly wrong, and the KV cache would be sized for it. A UserError names the problem."""
+    limit = model.cfg.max_seq_len
+    for p in problems:
+        n = sum(len(ids) for ids, _ in protocol.blocks(p, "stream"))
+        if n + budget > limit:
+            raise UserError(f"problem {p.id}: {n} observation tokens + --budget {budget} policy "
+                            f"tokens exceed the model's context of {limit} tokens "
+                            "(max_position_embeddings); lower --budget or shorten the problem")
+
+
 class _Stream:
     """Bookkeeping of one row: its episode, its observation blocks, the index of the last block
     fed, and how many tokens the policy wrote."""
@@ -274,7 +287,10 @@ def main(argv=None) -> None:
                          ("--temperature", args.temperature >= 0, "0 (greedy) or positive")])
     check_device(args.device)
 
-    if args.problem:
+    if args.problem is not None:
+        if marker := marker_in(args.problem):
+            raise UserError(f"option --problem holds the protocol marker {marker}: the markers are "
+                            "written by the protocol, never by the user")
         question, chunks = split_question(args.problem)
         problems = [Problem(id="cli", question=question, chunks=chunks, answer="")]
     else:
@@ -283,6 +299,7 @@ def main(argv=None) -> None:
     add_markers(model, tok)
     protocol = Protocol(tok, wpm=args.wpm, decode_tps=args.decode_tps)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    check_context(model, protocol, problems, args.budget)
     for problem in problems:
         [ep] = rollout(model, protocol, [problem], layout=args.layout, budget=args.budget,
                        temperature=args.temperature, generator=gen,

@@ -135,7 +135,7 @@ class RunDir:
             raise UserError(f"option --{key.replace('_', '-')} = {_show(value)} differs from the "
                             f"run in {self.path} ({_show(old[key])}); --resume continues a run "
                             "as it was started (only " + ", ".join(
-                                f"--{k.replace('_', '-')}" for k in sorted(RESUMABLE - {"resume", "out"}))
+                                f"--{k.replace('_', '-')}" for k in sorted(RESUMABLE - {"resume", "out", "overwrite", "preset", "seeds"}))
                             + " may change)")
 
     def start_fresh(self, writes: list[str], overwrite: bool) -> None:

@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import random
 import re
 from fractions import Fraction
@@ -266,6 +267,12 @@ def _edit_tensors(path, edit):
     save_file(sd, path / "model.safetensors")
 
 
+def _edit_tokenizer(path, edit):
+    tok = json.loads((path / "tokenizer.json").read_text())
+    edit(tok)
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+
+
 def _edit_config(path, edit):
     cfg = json.loads((path / "config.json").read_text())
     edit(cfg)
@@ -289,6 +296,19 @@ def _edit_config(path, edit):
      ["config.json", "'rope_scaling'", "yarn"]),
     (lambda p: _edit_config(p, lambda c: c.pop("hidden_size")), ["config.json", "'hidden_size' is missing"]),
     (lambda p: _edit_config(p, lambda c: c.update(attention_bias=True)), ["config.json", "'attention_bias'"]),
+    # fields of the wrong type or value: each named, never a TypeError deep in the model
+    (lambda p: _edit_config(p, lambda c: c.update(vocab_size="384")), ["config.json", "'vocab_size'"]),
+    (lambda p: _edit_config(p, lambda c: c.update(vocab_size=-1)), ["config.json", "'vocab_size'"]),
+    (lambda p: _edit_config(p, lambda c: c.update(num_hidden_layers=4.0)), ["config.json", "'num_hidden_layers'"]),
+    (lambda p: _edit_config(p, lambda c: c.update(rms_norm_eps="1e-5")), ["config.json", "'rms_norm_eps'"]),
+    (lambda p: _edit_config(p, lambda c: c.update(rope_scaling="linear")), ["config.json", "'rope_scaling'"]),
+    (lambda p: (p / "config.json").write_text("[1, 2]"), ["config.json", "JSON object"]),
+    (lambda p: (p / "tokenizer.json").write_bytes(b"\xff\xfe{}"), ["tokenizer.json", "cannot read"]),
+    (lambda p: (p / "tokenizer.json").write_text("[]"), ["tokenizer.json", "JSON object"]),
+    (lambda p: _edit_tokenizer(p, lambda t: t["model"].update(vocab=["a", "b"])),
+     ["tokenizer.json", "'model.vocab'"]),
+    (lambda p: _edit_tensors(p, lambda sd: sd["model.norm.weight"].fill_(float("nan"))),
+     ["model.safetensors", "'model.norm.weight'", "non-finite"]),
 ])
 def test_loader_rejects_broken_checkpoints(ckpt, breakage, expected):
     load_pretrained(ckpt)  # valid before the breakage
@@ -1823,6 +1843,140 @@ def test_checkpoint_killed_between_its_renames_is_recovered(ckpt):
     assert ckpt.exists()
 
 
+# --- a run directory that cannot be corrupted
+
+def _sft_run(out, *extra):
+    return TINY_RUN + ["--stage", "sft", "--sft-steps", "6", "--save-every", "2", "--out", str(out),
+                       *extra]
+
+
+def _lines(path):
+    """metrics.jsonl without the fields that measure time (they differ between two runs)."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "tokens_per_s")}
+            for line in open(path)]
+
+
+def test_resume_refuses_an_option_that_shapes_the_run(tmp_path):
+    import train
+    from cli import UserError
+    out = tmp_path / "run"
+    train.main(_sft_run(out))
+    for option, value, old in [("--sft-lr", "0.03", "0.003"), ("--seed", "1", "0"),
+                               ("--tiny-dim", "64", "32"), ("--vocab", "380", "300")]:
+        with pytest.raises(UserError) as e:
+            train.main(_sft_run(out, "--resume", option, value))
+        assert f"option {option} = " in str(e.value) and f"({old})" in str(e.value), str(e.value)
+    train.main(_sft_run(out, "--resume", "--threads", "1", "--log-every", "3"))   # may change
+
+
+def test_nothing_deletes_what_the_run_did_not_make(tmp_path):
+    """A fresh run over a run is refused without --overwrite; a --model the run would write over
+    is refused and left byte-identical; --stage eval --overwrite keeps the run's checkpoint and
+    metrics."""
+    import train
+    from cli import UserError
+    out = tmp_path / "run"
+    train.main(_sft_run(out))
+    before = {p: p.read_bytes() for p in (out / "sft").iterdir()}
+    with pytest.raises(UserError, match="already holds a run; --resume continues it, --overwrite"):
+        train.main(_sft_run(out))
+    for stage, model, target in [("eval", out / "sft", out / "sft"), ("rl", out / "hrpo", out)]:
+        with pytest.raises(UserError, match="a path that the run in --out"):
+            train.main(TINY_RUN + ["--stage", stage, "--model", str(model), "--out", str(target),
+                                   "--overwrite"])
+    assert {p: p.read_bytes() for p in (out / "sft").iterdir()} == before
+    metrics = (out / "metrics.jsonl").read_bytes()
+    train.main(TINY_RUN + ["--stage", "eval", "--model", str(out / "sft"), "--out", str(out),
+                           "--overwrite"])
+    assert (out / "metrics.jsonl").read_bytes() == metrics and (out / "checkpoint" / "trainer.pt").exists()
+    assert {p: p.read_bytes() for p in (out / "sft").iterdir()} == before
+    assert json.loads((out / "eval.json").read_text())["methods"].keys() == {"model"}
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import subprocess
+    import sys
+    from rundir import RunDir
+    from cli import UserError
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "lock").write_text(str(live.pid))
+        with pytest.raises(UserError, match=f"in use by process {live.pid}"):
+            RunDir(tmp_path).lock()
+    finally:
+        live.kill()
+        live.wait()
+    RunDir(tmp_path).lock()                       # its process is gone: a stale lock
+    assert (tmp_path / "lock").read_text() == str(os.getpid())
+
+
+def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path):
+    """SIGTERM at step 3 (after the step-2 checkpoint) of a run in its own process, then
+    --resume: weights and metrics line for line those of a run never stopped; a partial last
+    metrics line, what a hard kill leaves, is tolerated and dropped."""
+    import subprocess
+    import sys
+    import train
+    stopped = tmp_path / "stopped"
+    driver = f"""
+import os, signal, train
+real = train.Run.log
+def log(self, record):
+    real(self, record)
+    if record["step"] == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+train.Run.log = log
+train.main({_sft_run(stopped)!r})
+"""
+    r = subprocess.run([sys.executable, "-c", driver], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 130, r.stderr
+    assert torch.load(stopped / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 3
+    with open(stopped / "metrics.jsonl", "a") as f:
+        f.write('{"job": "sft", "st')                          # a partial line
+    train.main(_sft_run(stopped, "--resume"))
+    train.main(_sft_run(tmp_path / "straight"))
+    assert _lines(stopped / "metrics.jsonl") == _lines(tmp_path / "straight" / "metrics.jsonl")
+    a, _ = load_pretrained(stopped / "sft")
+    b, _ = load_pretrained(tmp_path / "straight" / "sft")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_a_diverging_run_stops_before_saving_a_nan_model(tmp_path):
+    import train
+    from cli import UserError
+    out = tmp_path / "nan"
+    with pytest.raises(UserError, match=r"sft job 'sft', step \d+: .* is nan"):
+        train.main(TINY_RUN + ["--sft-steps", "30", "--sft-lr", "1000", "--out", str(out)])
+    assert not (out / "sft").exists() and not (out / "hrpo").exists()
+
+
+def test_overlap_of_held_out_and_training_problems_is_warned(capsys):
+    from train import warn_overlap
+    problems = make_synthetic(5, 0)
+    warn_overlap(problems, problems[:2] + problems[:1])
+    assert "of 3 held-out problems, 3 are also training problems and 1 repeat" in capsys.readouterr().err
+    warn_overlap(problems[:3], problems[3:])
+    assert capsys.readouterr().err == ""
+
+
+def test_sentences_end_at_full_width_marks_and_answers_keep_their_commas(tmp_path):
+    assert split_sentences("小明有5个苹果。他又买了3个。他现在有几个？") == \
+        ["小明有5个苹果。", "他又买了3个。", "他现在有几个？"]
+    assert split_question("小明有5个苹果。他现在有几个？ 好。")[0] == "他现在有几个？"
+    with pytest.raises(DataError, match="no sentence with a word"):
+        split_question("...")
+    write_jsonl(tmp_path / "a.jsonl", [{"question": "Tom has 1200 pens. How many?", "answer": "#### 1,200"}])
+    assert load_gsm8k(tmp_path / "a.jsonl")[0].answer == "1200"
+    write_jsonl(tmp_path / "b.jsonl", [{"question": "Tom has 3 pens. How many?", "answer": "#### 1,2,3"}])
+    with pytest.raises(DataError, match="b.jsonl:1"):
+        load_gsm8k(tmp_path / "b.jsonl")
+    (tmp_path / "c.jsonl").write_bytes(b'{"question": "\xff"}\n')
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_gsm8k(tmp_path / "c.jsonl")
+
+
 def test_bf16_run_trains_and_evaluates_under_cpu_autocast(tmp_path):
     """--bf16 on a CPU: SFT, an RL step (rollout, loss, update) and the evaluation all run under
     bf16 autocast, and the result is a model of fp32 master weights."""
@@ -2004,6 +2158,15 @@ BAD_INPUT = {   # case -> (command line, substrings the one line must hold)
     "data: missing file": (["data.py", "{d}/missing.jsonl"], ["missing.jsonl", "no such file"]),
     "train: --stream-credit state with --data": (["train.py", "--stream-credit", "state", "--data",
                                                   "{d}/missing.jsonl"], ["--stream-credit", "synthetic"]),
+    "rollout: empty --problem": (["rollout.py", "--model", "{d}/ckpt", "--problem", ""], ["no sentence"]),
+    "rollout: a marker in --problem": (["rollout.py", "--model", "{d}/ckpt", "--problem", "You have 5.<EOI> How many?"],
+                                      ["--problem", "<EOI>"]),
+    "rollout: --budget past the context": (["rollout.py", "--model", "{d}/ckpt", "--problem", PROBLEM, "--budget",
+                                            "1000000000"], ["--budget 1000000000", "context of 2048"]),
+    "train: --budget past the context": (["train.py", "--budget", "1000000000", "--n-train", "50", "--n-eval", "5"],
+                                         ["--budget 1000000000", "context"]),
+    "train: --sft-lr inf": (["train.py", "--sft-lr", "inf"], ["--sft-lr = inf"]),
+    "train: --out is a file": (["train.py", "--out", "{d}/bad.jsonl"], ["--out", "is a file"]),
     "phase_errors: not a run": (["-m", "tools.phase_errors", "{d}"], ["config.json", "not found"]),
     "phase_errors: --group 0": (["-m", "tools.phase_errors", "{d}", "--group", "0"], ["--group = 0"]),
 }

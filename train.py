@@ -62,7 +62,7 @@ from model import Transformer, init_weights, tiny_config
 from report import (aggregate, evaluate, matmul_gflops, peak_memory_gib, plot_curves,
                     plot_timeline, print_tables, report, learning_speed, speedups)
 from rewards import STREAM_CREDITS, RewardConfig, score, summarize
-from rollout import rollout
+from rollout import check_context, rollout
 from rundir import RUN_FILES, RunDir, write_json
 from tasks import TASKS, synthetic_splits
 from tokenizer import train_bpe
@@ -224,6 +224,13 @@ def check_args(args) -> None:
         path = getattr(args, option)
         if path and not Path(path).is_file():
             raise UserError(f"option --{option.replace('_', '-')}: {path}: no such file")
+    for parent in [Path(args.out), *Path(args.out).resolve().parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"option --out {args.out}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK):
+                raise UserError(f"option --out {args.out}: {parent} is not writable")
+            break
     runs = run_dirs(args)
     if args.resume and not any(run.holds_run() for run in runs):
         raise UserError(f"option --resume: {args.out} holds no run to resume (no config.json)")
@@ -329,6 +336,19 @@ def load_data(args, seed: int):
         raise UserError(f"option --data {args.data}: {len(train)} problems, not more than "
                         f"--n-eval {args.n_eval}; give --eval-data or a smaller --n-eval")
     return train[:-args.n_eval], train[-args.n_eval:]
+
+
+def warn_overlap(train: list, held_out: list) -> None:
+    """Say how many held-out problems are also training problems, or repeat one another (the
+    synthetic splits are disjoint by construction; files need not be)."""
+    key = lambda p: (p.question, tuple(p.chunks))                      # noqa: E731
+    seen = {key(p) for p in train}
+    shared = sum(key(p) in seen for p in held_out)
+    repeated = len(held_out) - len({key(p) for p in held_out})
+    if shared or repeated:
+        print(f"warning: of {len(held_out)} held-out problems, {shared} are also training problems "
+              f"and {repeated} repeat another held-out one: the evaluation is not on unseen "
+              "problems alone", file=sys.stderr)
 
 
 def start_model(args, seed: int, train_problems):
@@ -452,6 +472,9 @@ class Run:
                                 f"is more than the {len(self.train)} training problems")
         self.model, self.tok, self.new_markers = start_model(args, seed, self.train)
         self.protocol = Protocol(self.tok, wpm=args.wpm, decode_tps=args.decode_tps)
+        check_context(self.model, self.protocol, self.train + self.held_out, args.budget)
+        if d.main:
+            warn_overlap(self.train, self.held_out)
         self.rewards = RewardConfig(alpha=args.alpha, beta=args.beta, budget=args.budget,
                                     stream_credit=args.stream_credit)
         self.stop = False
