@@ -88,6 +88,7 @@ class Problem:
     thoughts: list[str] | None = None  # gold streaming thought per chunk ("" = skip), when known
     deep: str | None = None  # gold deep reasoning of the streaming layout (text before <EOR>)
     rtt_deep: str | None = None  # gold read-then-think reasoning (all thinking after the stream)
+    state: str | None = None  # what a right stream carries out: the count at its end (synthetic)
 
 
 # ---------------------------------------------------------------------------------------------

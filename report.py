@@ -47,14 +47,16 @@ COLUMNS = [("accuracy", "acc", "{:.3f}"), ("format_rate", "format", "{:.3f}"),
            ("stream_tokens", "S.Len", "{:.1f}"), ("deep_tokens", "D.Len", "{:.1f}"),
            ("total_tokens", "T.Len", "{:.1f}"), ("residual_tokens", "resid.tok", "{:.1f}"),
            ("residual_latency_s", "resid.s", "{:.2f}"), ("skip_rate_irrelevant", "skip(irr)", "{:.2f}"),
+           ("skip_rate_relevant", "skip(rel)", "{:.2f}"), ("state_accuracy", "state", "{:.2f}"),
            ("speedup_vs_rtt", "vs RTT", "{:.2f}")]
 # The curves whose learning speed is measured, and which way is better (+1: higher), so that a
 # paired comparison can count wins. Residual tokens are mostly the deep phase; the skip rate and
 # the streaming tokens are the streaming phase, whose advantage HRPO separates.
 SPEED_METRICS = {"reward": 1, "accuracy": 1, "residual_tokens": -1, "skip_rate_irrelevant": 1,
-                 "stream_tokens": -1, "deep_tokens": -1}
+                 "skip_rate_relevant": -1, "state_accuracy": 1, "stream_tokens": -1, "deep_tokens": -1}
 SHORT = {"reward": "reward", "accuracy": "acc", "residual_tokens": "resid", "stream_tokens": "S.Len",
-         "deep_tokens": "D.Len", "skip_rate_irrelevant": "skip(irr)"}
+         "deep_tokens": "D.Len", "skip_rate_irrelevant": "skip(irr)", "skip_rate_relevant": "skip(rel)",
+         "state_accuracy": "state"}
 AREA = [(f"auc_{k}", SHORT[k], "{:.3f}") for k in SPEED_METRICS]
 HALFWAY = [(f"half_{k}", SHORT[k], "{:.1f}") for k in SPEED_METRICS]
 

@@ -73,10 +73,10 @@ def last_number(text: str) -> int | None:
 
 def state_right(ep: Episode) -> bool:
     """Whether the stream carried the right state out of a finished episode: the last number of
-    its streaming thoughts equals the last number of the problem's gold thoughts (synthetic
-    tasks: "18 - 5 = 13." or "No change, still 13.")."""
+    its streaming thoughts equals the problem's ``state`` (synthetic tasks: the tracked count
+    when the stream ends, as in "18 - 5 = 13." or "No change, still 13.")."""
     written = " ".join(t for t in ep.parsed.thoughts if t)
-    return last_number(written) == last_number(" ".join(ep.problem.thoughts))
+    return ep.problem.state is not None and last_number(written) == int(ep.problem.state)
 
 
 @dataclass(frozen=True)
@@ -116,10 +116,15 @@ def score(ep: Episode, cfg: RewardConfig) -> Rewards:
 def summarize(episodes: list[Episode], rewards: list[Rewards]) -> dict[str, float]:
     """Averages over episodes: the columns of the evaluation table (docs/method.md §6) and the reward
     terms. ``skip_rate_irrelevant`` counts skipped chunks among those known not to matter
-    (read-then-think skips every chunk by construction); NaN when relevance is unknown."""
+    (read-then-think skips every chunk by construction), ``skip_rate_relevant`` among those
+    that matter (streaming layout), ``state_accuracy`` the share of valid streams that carried
+    the right state out; NaN where relevance or the state is unknown."""
     n = len(episodes)
     irrelevant = [skip for ep in episodes if ep.problem.relevant is not None
                   for skip, rel in zip(ep.parsed.skips, ep.problem.relevant) if not rel]
+    relevant = [skip for ep in episodes if ep.problem.relevant is not None and ep.layout == "stream"
+                for skip, rel in zip(ep.parsed.skips, ep.problem.relevant) if rel]
+    known = [ep for ep in episodes if ep.problem.state is not None and ep.layout == "stream"]
     all_chunks = [skip for ep in episodes for skip in ep.parsed.skips]
 
     def mean(xs):
@@ -134,6 +139,8 @@ def summarize(episodes: list[Episode], rewards: list[Rewards]) -> dict[str, floa
         "residual_tokens": mean(ep.residual_tokens for ep in episodes),
         "residual_latency_s": mean(ep.residual_s for ep in episodes),
         "skip_rate_irrelevant": mean(irrelevant),
+        "skip_rate_relevant": mean(relevant),
+        "state_accuracy": mean(ep.parsed.valid and state_right(ep) for ep in known),
         "skip_rate": mean(all_chunks),
         "truncation_rate": mean(ep.truncated for ep in episodes),
         "reward": mean(r.total for r in rewards),

@@ -11,6 +11,8 @@ model's BPE vocabulary small and the tasks learnable on a CPU in minutes.
     you    Track your count of one item ("How many pens do you have at the end?"). The default.
     named  Track a named person's count of one item among several people and items ("How many
            pens does Ann have at the end?"): whether a chunk matters depends on the question.
+    recover  The positive control for HRPO: in some gold streams one relevant event is missed
+           and the deep phase re-reads the stream to recover, right but slow (``_recover``).
     long   Track your count over 8-12 chunks with counts up to 20 and changes up to 5, and the
            question adds one change after the stream ("..., if you then buy 6 more?"): the deep
            phase has necessary work of its own, so a rollout can be good in one phase and bad
@@ -46,9 +48,12 @@ FILLERS = ("It is a sunny day.", "It starts to rain.", "The shop is busy.",
            "{name} walks to the park.", "{name} sings a song.")
 TASKS = {"you": "your count of one item",
          "named": "a named person's count of one item among several people and items",
-         "long": "your count over 8-12 chunks up to 20, then one more change in the deep phase"}
+         "long": "your count over 8-12 chunks up to 20, then one more change in the deep phase",
+         "recover": "your count; some gold streams miss a relevant chunk and the deep phase "
+                    "re-reads to recover (HRPO's positive control)"}
 # Per task: chunks per problem (inclusive range), largest count, largest change of one event.
-_TASK_SIZES = {"you": ((4, 7), 12, 4), "named": ((4, 7), 12, 4), "long": ((8, 12), 20, 5)}
+_TASK_SIZES = {"you": ((4, 7), 12, 4), "named": ((4, 7), 12, 4), "long": ((8, 12), 20, 5),
+               "recover": ((5, 8), 12, 4)}
 
 
 def _event(rng: random.Random, subject: str, verb: str, k: int, item: tuple[str, str],
@@ -123,7 +128,8 @@ def _track(rng, key, target, item, others, n_chunks, max_value, max_delta, irrel
                 f"How many {item[1]} do you have at the end, if you then {change}?" if then else
                 f"How many {item[1]} do you have at the end?")
     return Problem(id=f"synthetic/{key}", question=question, chunks=chunks, answer=str(answer),
-                   relevant=relevant, thoughts=thoughts, deep=deep, rtt_deep=rederive)
+                   relevant=relevant, thoughts=thoughts, deep=deep, rtt_deep=rederive,
+                   state=str(count))
 
 
 def _you(rng, key, sizes, irrelevant, terse, then=False) -> Problem:
@@ -155,11 +161,69 @@ def _named(rng, key, sizes, irrelevant, terse) -> Problem:
     return _track(rng, key, target, item, others, *sizes, irrelevant, terse)
 
 
-_TASK_MAKERS = {"you": _you, "named": _named, "long": _long}
+def _recover(rng, key, sizes, irrelevant, terse, miss) -> Problem:
+    """The positive control for HRPO [ours]: a stream whose quality varies on its own, and a
+    deep phase that can make up for it at a price.
+
+    In a share ``miss`` of the problems the gold stream misses one relevant event (it skips it,
+    "" as for a chunk that does not matter) and tracks on from the count it believes, so the
+    state it carries out is wrong; the deep phase then re-reads the whole stream ("Recap: ...")
+    and answers right, but slowly — the user waits for the recap. When the stream missed
+    nothing, the deep phase answers from it at once ("The answer is N."). Irrelevant chunks are
+    always skipped, so the one streaming decision is whether to track a relevant event.
+
+    An SFT model then samples, per group, streams that miss and streams that do not, largely
+    independently of how its deep phase goes, and whether a stream was right is checkable
+    (``Problem.state``): the case where a reward per phase should let the streaming tokens
+    learn "never miss" faster than one verdict per rollout. ``terse`` is not used."""
+    item = rng.choice(ITEMS)
+
+    def others(rng):
+        if rng.randrange(3) == 2:
+            return rng.choice(FILLERS).format(name=rng.choice(NAMES))
+        return _event(rng, rng.choice(NAMES), rng.choice(("have", *VERBS)), rng.randint(1, sizes[2]), item)
+    _, max_value, max_delta = sizes
+    start = count = rng.randint(1, max_value)
+    chunks, relevant = [_event(rng, "You", "have", count, item)], [True]
+    events = []                              # (chunk index, verb, k, count before) of your events
+    for _ in range(rng.randint(*sizes[0]) - 1):
+        if rng.random() < irrelevant:
+            chunks.append(others(rng))
+            relevant.append(False)
+            continue
+        verb, k = _change(rng, count, max_value, max_delta)
+        events.append((len(chunks), verb, k, count))
+        chunks.append(_event(rng, "You", verb, k, item))
+        relevant.append(True)
+        count += VERBS[verb][0] * k
+    missed = rng.choice(events)[0] if events and rng.random() < miss else None
+    believed, thoughts, recap = start, [f"You start with {start}."], [f"You started with {start}."]
+    by_chunk = {i: (verb, k, before) for i, verb, k, before in events}
+    for i in range(1, len(chunks)):
+        if i not in by_chunk:
+            thoughts.append("")
+            continue
+        verb, k, before = by_chunk[i]
+        sign, past = VERBS[verb]
+        recap.append(f"You {past} {k}, so {before} {'+' if sign > 0 else '-'} {k} = {before + sign * k}.")
+        if i == missed:
+            thoughts.append("")
+            continue
+        thoughts.append(f"{believed} {'+' if sign > 0 else '-'} {k} = {believed + sign * k}.")
+        believed += sign * k
+    final = f"The answer is {count}."
+    rederive = " ".join(["Recap:"] + recap + [final])
+    return Problem(id=f"synthetic/{key}", question=f"How many {item[1]} do you have at the end?",
+                   chunks=chunks, answer=str(count), relevant=relevant, thoughts=thoughts,
+                   deep=rederive if missed is not None else final, rtt_deep=rederive,
+                   state=str(count))
+
+
+_TASK_MAKERS = {"you": _you, "named": _named, "long": _long, "recover": _recover}
 
 
 def make_synthetic(n: int, seed: int | str, *, task: str = "you", irrelevant: float = 0.4,
-                   terse: float = 0.4) -> list[Problem]:
+                   terse: float = 0.4, miss: float = 0.5) -> list[Problem]:
     """n synthetic problems of ``task`` (TASKS); problem i depends only on (seed, i) and the
     options.
 
@@ -167,6 +231,7 @@ def make_synthetic(n: int, seed: int | str, *, task: str = "you", irrelevant: fl
     terse: probability, drawn independently per irrelevant chunk, that its gold thought is ""
         (skip), and per problem that the gold deep reasoning is only what the answer needs
         ("The answer is N.", or the difference for pair) instead of a full recap.
+    miss: task recover only: probability that the gold stream misses one relevant event.
 
     Example, make_synthetic(1, 0)[0]:
         question  "How many pens do you have at the end?"
@@ -182,13 +247,14 @@ def make_synthetic(n: int, seed: int | str, *, task: str = "you", irrelevant: fl
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
-    if not (0 <= irrelevant <= 1 and 0 <= terse <= 1):
-        raise ValueError(f"irrelevant and terse are probabilities, got {irrelevant}, {terse}")
+    if not (0 <= irrelevant <= 1 and 0 <= terse <= 1 and 0 <= miss <= 1):
+        raise ValueError(f"irrelevant, terse and miss are probabilities, got {irrelevant}, {terse}, {miss}")
     # The task's name is not part of the key for "you", so that its problems stay those of
     # every earlier version of this file.
     prefix = "" if task == "you" else f"{task}/"
+    extra = (miss,) if task == "recover" else ()
     return [_TASK_MAKERS[task](random.Random(f"{prefix}{seed}/{i}"), f"{prefix}{seed}/{i}",
-                               _TASK_SIZES[task], irrelevant, terse) for i in range(n)]
+                               _TASK_SIZES[task], irrelevant, terse, *extra) for i in range(n)]
 
 
 def synthetic_splits(n_train: int, n_test: int, seed: int,

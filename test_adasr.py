@@ -1364,7 +1364,7 @@ def test_state_credit_keeps_a_right_stream_rewarded_when_the_answer_is_wrong(tin
     assert state_right(ep) and by_answer.acc == 0.0
     assert by_state.stream == pytest.approx(by_answer.stream + 1.0)
     assert (by_state.total, by_state.deep) == (by_answer.total, by_answer.deep)
-    ep.problem = replace(problems[0], thoughts=problems[0].thoughts + ["0 + 99 = 99."])
+    ep.problem = replace(problems[0], state="99")
     assert not state_right(ep)
     assert score(ep, RewardConfig(stream_credit="state")).stream == pytest.approx(by_answer.stream)
 
@@ -2089,7 +2089,7 @@ def test_dynamic_sampling_refills_until_the_batch_has_signal():
 def test_phase_errors_reads_the_carried_state_and_the_answer(tiny):
     """A gold episode is right in both phases; the same stream with another reference answer is
     right in the stream and wrong in the answer; a problem whose gold stream carries another
-    number makes the episode's stream wrong."""
+    state makes the episode's stream wrong."""
     from dataclasses import replace
     from tools.phase_errors import classify
     _, _, protocol, problems = tiny
@@ -2098,7 +2098,7 @@ def test_phase_errors_reads_the_carried_state_and_the_answer(tiny):
     ep = protocol.gold(p, "stream")
     ep.problem = replace(p, answer=str(int(p.answer) + 1))                # the reference moves
     assert classify(ep) == (True, False)
-    ep.problem = replace(p, thoughts=p.thoughts + ["0 + 99 = 99."])     # what the gold carried out
+    ep.problem = replace(p, state="99")                                 # what a right stream carries
     assert classify(ep) == (False, True)
 
 
