@@ -489,3 +489,10 @@ def add_markers(model, tokenizer) -> None:
             row += 0.1 * (w[name].mean(0) - w.mean(0))
         return rows
     model.resize_vocab(tokenizer.vocab_size, init=init)
+
+
+if __name__ == "__main__":      # a library: say where the programs are rather than do nothing
+    import sys
+    print("error: adasr.py is the protocol library, not a program; stream a problem with "
+          "python rollout.py --model DIR --problem TEXT, train with python train.py", file=sys.stderr)
+    sys.exit(2)

@@ -55,10 +55,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from adasr import DEEP, Episode
+from parallel import global_sum, sync_gradients
 from rewards import Rewards
 from rollout import log_probs
 
@@ -235,28 +235,6 @@ def clipped_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, 
 # Optimiser steps
 # ---------------------------------------------------------------------------------------------
 
-def global_sum(x: float, device) -> float:
-    """Sum of ``x`` over all data-parallel ranks (``x`` itself in a single process)."""
-    if not dist.is_initialized():
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t)
-
-
-def _sync_gradients(model) -> None:
-    """Sum gradients over ranks. Each rank's loss is already divided by the *global* token count,
-    so the sum is exactly the single-process gradient of the whole step. (A plain all-reduce
-    rather than DistributedDataParallel: ranks may run different numbers of micro-batches, or
-    none at all when they hold no group of a mini-batch, which DDP's per-backward hooks forbid.)"""
-    if not dist.is_initialized():
-        return
-    for p in model.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-
-
 def _at_policy(batch: Batch, x: torch.Tensor) -> torch.Tensor:
     """Values of a per-token (N, T) tensor at the policy positions, in ``policy_logprobs`` order."""
     return x[:, 1:][batch.policy[:, 1:]]
@@ -288,7 +266,7 @@ def _step(model, optimizer, batch: Batch | None, micro_batch: int, n_tokens: int
             stats["entropy"] = entropy.sum().item()
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v
-    _sync_gradients(model)
+    sync_gradients(model)
     totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
     optimizer.step()
     return totals

@@ -18,7 +18,6 @@ Design decisions
 """
 from __future__ import annotations
 
-import json
 import math
 import textwrap
 import resource
@@ -30,6 +29,7 @@ import torch
 from adasr import STREAM, Protocol
 from rewards import RewardConfig, score, summarize
 from rollout import rollout
+from rundir import read_json_lines
 
 @torch.no_grad()
 def evaluate(model, protocol: Protocol, problems, layout: str, rcfg: RewardConfig,
@@ -191,11 +191,24 @@ def _pyplot():
     return plt
 
 
+def _label(ax, title: str, xlabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    if ax.lines:
+        ax.legend(fontsize=8)
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def plot_curves(out: Path) -> None:
     """curves.png from metrics.jsonl: SFT loss, then per RL job reward, accuracy, residual
     latency (tokens), skip rate on irrelevant chunks, tokens per phase and format rate."""
     plt = _pyplot()
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    records = read_json_lines(out / "metrics.jsonl")
     panels = [("sft_loss", "SFT loss"), ("reward", "reward"), ("accuracy", "accuracy"),
               ("residual_tokens", "residual tokens"), ("skip_rate_irrelevant", "skip rate (irrelevant)"),
               ("stream_tokens", "stream tokens"), ("deep_tokens", "deep tokens"),
@@ -207,13 +220,8 @@ def plot_curves(out: Path) -> None:
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, smooth(list(ys)), label=job)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=80)
-    plt.close(fig)
+        _label(ax, title, "step")
+    _save(plt, fig, out / "curves.png")
 
 
 def plot_compare(out: Path, seeds: list[int]) -> None:
@@ -222,8 +230,7 @@ def plot_compare(out: Path, seeds: list[int]) -> None:
     plt = _pyplot()
     curves: dict[str, dict[int, list[dict]]] = {}          # job -> seed -> its RL records
     for s in seeds:
-        for line in open(out / f"seed{s}" / "metrics.jsonl"):
-            r = json.loads(line)
+        for r in read_json_lines(out / f"seed{s}" / "metrics.jsonl"):
             if r["stage"] == "rl" and "reward" in r:
                 curves.setdefault(r["job"], {}).setdefault(s, []).append(r)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -237,14 +244,8 @@ def plot_compare(out: Path, seeds: list[int]) -> None:
             line, = ax.plot(steps, mean, label=f"{job} ({len(ys)} seeds)")
             ax.fill_between(steps, [m - e for m, e in zip(mean, sd)],
                             [m + e for m, e in zip(mean, sd)], color=line.get_color(), alpha=0.2)
-        ax.set_title(key.replace("_", " "))
-        ax.set_xlabel("RL step")
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "compare.png", dpi=80)
-    plt.close(fig)
-
+        _label(ax, key.replace("_", " "), "RL step")
+    _save(plt, fig, out / "compare.png")
 
 
 def phase_segments(ep) -> list[tuple[int, int, float, float, int]]:

@@ -114,7 +114,7 @@ def _forward(model, feeds: list[list[int]], cache) -> torch.Tensor:
 
 # no_grad, not inference_mode: under bf16 autocast, the casts of the weights are cached for the
 # whole rollout only outside inference mode; inside it every decode step casts every weight again
-# (measured, SmolLM2, a step of 32 rows on an AMX CPU: 107 ms, vs 55 ms cached and 83 ms fp32).
+# (which doubled SmolLM2's decode step on an AMX CPU; docs/speed.md).
 @torch.no_grad()
 def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: int = 1,
             layout: str = "stream", budget: int, temperature: float,

@@ -838,7 +838,7 @@ def test_split_question(text, question, chunks):
 
 
 def test_split_question_rejects_empty_text():
-    with pytest.raises(DataError, match="no sentences"):
+    with pytest.raises(DataError, match="no sentence"):
         split_question(" \n ")
 
 
@@ -2033,6 +2033,11 @@ def test_paired_compare_over_two_seeds_writes_every_file(tmp_path, monkeypatch):
     assert ev["seeds"] == [0, 1] and set(ev["per_seed"]) == {"0", "1"}
     methods = {"read_then_think", "sft", "grpo", "hrpo"}
     assert set(ev["mean"]) == set(ev["sd"]) == methods
+    row = ev["per_seed"]["0"]                 # the paper's latency speed-up against read-then-think
+    for name in methods:
+        if row[name]["residual_latency_s"] > 0:
+            assert row[name]["speedup_vs_rtt"] == pytest.approx(
+                row["read_then_think"]["residual_latency_s"] / row[name]["residual_latency_s"])
     for name in methods:
         rows = [ev["per_seed"][s][name]["accuracy"] for s in ("0", "1")]
         assert ev["mean"][name]["accuracy"] == pytest.approx(sum(rows) / 2)
@@ -2167,6 +2172,7 @@ BAD_INPUT = {   # case -> (command line, substrings the one line must hold)
                                          ["--budget 1000000000", "context"]),
     "train: --sft-lr inf": (["train.py", "--sft-lr", "inf"], ["--sft-lr = inf"]),
     "train: --out is a file": (["train.py", "--out", "{d}/bad.jsonl"], ["--out", "is a file"]),
+    "adasr: a library, not a program": (["adasr.py", "--model", "x", "--problem", PROBLEM], ["rollout.py"]),
     "phase_errors: not a run": (["-m", "tools.phase_errors", "{d}"], ["config.json", "not found"]),
     "phase_errors: --group 0": (["-m", "tools.phase_errors", "{d}", "--group", "0"], ["--group = 0"]),
 }

@@ -129,6 +129,8 @@ class Tokenizer:
         m = d.get("model") or {}
         if not isinstance(m, dict):
             raise CheckpointError(f"{path}: field 'model' must be a JSON object")
+        if m.get("type") != "BPE" or m.get("byte_fallback") or m.get("continuing_subword_prefix") or m.get("end_of_word_suffix"):
+            raise CheckpointError(f"{path}: field 'model' must be a plain byte-level BPE, got type {m.get('type')!r}")
         for field, kind in (("vocab", dict), ("merges", list)):
             if not isinstance(m.get(field), kind):
                 raise CheckpointError(f"{path}: field 'model.{field}' must be a JSON "
@@ -137,8 +139,6 @@ class Tokenizer:
         if not isinstance(added, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str)
                                                    and type(t.get("id")) is int for t in added):
             raise CheckpointError(f"{path}: field 'added_tokens' must be a list of {{id, content}}")
-        if m.get("type") != "BPE" or m.get("byte_fallback") or m.get("continuing_subword_prefix") or m.get("end_of_word_suffix"):
-            raise CheckpointError(f"{path}: field 'model' must be a plain byte-level BPE, got type {m.get('type')!r}")
         # every added token (special or not) is matched verbatim in the text, as HF does by default
         special = {t["content"]: t["id"] for t in d.get("added_tokens", [])}
         try:
