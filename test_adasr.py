@@ -1657,6 +1657,64 @@ def test_learning_speed_per_phase_on_known_curves():
     assert m["half_deep_tokens"] == 11.0                        # 29 .. 10, final 10.5: half 19.75
 
 
+def test_a_hand_made_group_moves_each_phase_the_way_its_own_reward_says(tiny):
+    """Two rollouts of one problem whose global rewards are equal (GRPO: no signal at all) but
+    whose phases disagree: A streamed right and answered wrong, B the reverse. With λ = 1 each
+    phase gets its own advantage, +1 / −1 by hand; one update then raises the log-probs of A's
+    streaming and B's deep tokens and lowers A's deep and B's streaming tokens."""
+    import copy
+    from dataclasses import replace
+    model, _, pr, problems = tiny
+    model = copy.deepcopy(model)
+    p = problems[0]
+    # two trajectories of one problem: A tracks the stream and guesses the answer, B muses
+    # through the stream and recaps it
+    a = pr.gold(replace(p, deep="I guess.", answer="99"), "stream")
+    b = pr.gold(replace(p, thoughts=["Hmm."] * len(p.chunks), deep=p.rtt_deep), "stream")
+    for ep in (a, b):      # as if the model had sampled them: the ratio starts at exactly 1
+        with torch.no_grad():
+            lp, _ = policy_logprobs(model, collate([ep], "cpu"), 1.0)
+        it = iter(lp.tolist())
+        ep.logprobs = [next(it) if pol and t else 0.0 for t, pol in enumerate(ep.policy)]
+    rewards = [Rewards(0, 0, 0, total=0.5, stream=1.0, deep=0.0),      # A: stream right, deep wrong
+               Rewards(0, 0, 0, total=0.5, stream=0.0, deep=1.0)]      # B: the reverse
+    a_s, a_d = advantages(rewards, 2, lam=1.0)
+    assert a_s.tolist() == pytest.approx([1, -1], abs=1e-3) and a_d.tolist() == pytest.approx([-1, 1], abs=1e-3)
+    g_s, g_d = advantages(rewards, 2, lam=0.0)
+    assert g_s.abs().max() == 0 and g_d.abs().max() == 0               # GRPO sees nothing here
+    batch = collate([a, b], "cpu", a_s, a_d)
+    for i, ep in enumerate((a, b)):                                    # every policy token its phase's
+        adv = batch.adv[i, :len(ep.tokens)]
+        for t, (pol, ph) in enumerate(zip(ep.policy, ep.phase)):
+            want = 0.0 if not pol else float((a_d if ph == DEEP else a_s)[i])
+            assert float(adv[t]) == pytest.approx(want)
+
+    # A token id written with both signs (a marker, " \\boxed{") is pushed both ways at once;
+    # the test reads the tokens whose every occurrence carries one sign.
+    signs = {}
+    for i, ep in enumerate((a, b)):
+        for t, pol in enumerate(ep.policy):
+            if pol:
+                signs.setdefault(ep.tokens[t], set()).add(float(batch.adv[i, t]) > 0)
+
+    def phase_logp(ep):
+        """Summed log-prob of the episode's streaming and of its deep tokens (one-sign ids)."""
+        lp, _ = policy_logprobs(model, collate([ep], "cpu"), 1.0)
+        mask = torch.tensor(ep.policy[1:])
+        ph = torch.tensor(ep.phase[1:])[mask]
+        one = torch.tensor([len(signs.get(tok, ())) == 1 for tok in ep.tokens[1:]])[mask]
+        return float(lp[(ph == STREAM) & one].sum()), float(lp[(ph == DEEP) & one].sum())
+    with torch.no_grad():
+        before = [phase_logp(ep) for ep in (a, b)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rl_update(model, opt, [a, b], (a_s, a_d), 2, HRPOConfig(lam=1.0, mini_batches=1), micro_batch=2)
+    with torch.no_grad():
+        after = [phase_logp(ep) for ep in (a, b)]
+    (as0, ad0), (bs0, bd0) = before
+    (as1, ad1), (bs1, bd1) = after
+    assert as1 > as0 and ad1 < ad0 and bs1 < bs0 and bd1 > bd0, (before, after)
+
+
 def test_split_groups_keeps_whole_groups_in_order():
     from hrpo import split_groups
     assert split_groups(8, 3) == [range(0, 3), range(3, 6), range(6, 8)]
