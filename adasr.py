@@ -191,7 +191,7 @@ class Episode:
     chunk has been spoken, and ``token_s``, the seconds the model takes per token) and grown with
     ``append``. Per token (all lists have the same length):
       tokens:   token id (prompt, observations and policy tokens in sequence order).
-      policy:   True where the model wrote the token (only these enter the loss).
+      is_policy: True where the model wrote the token (only these enter the loss).
       phase:    STREAM or DEEP (observations carry the phase in which they were fed).
       chunk:    chunk index; -1 for the prompt/question, K (= number of chunks) for <EOI> and the
                 deep phase.
@@ -206,7 +206,7 @@ class Episode:
     arrivals: list[float]
     token_s: float
     tokens: list[int] = field(default_factory=list)
-    policy: list[bool] = field(default_factory=list)
+    is_policy: list[bool] = field(default_factory=list)
     phase: list[int] = field(default_factory=list)
     chunk: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -232,19 +232,19 @@ class Episode:
                 self._clock = max(self._clock, arrival)
                 self.times.append(arrival)
         self.tokens += ids
-        self.policy += [policy] * len(ids)
+        self.is_policy += [policy] * len(ids)
         self.phase += [phase] * len(ids)
         self.chunk += chunks
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
 
     def _count(self, phase: int | None = None, after: float | None = None) -> int:
-        return sum(1 for p, ph, t in zip(self.policy, self.phase, self.times)
+        return sum(1 for p, ph, t in zip(self.is_policy, self.phase, self.times)
                    if p and (phase is None or ph == phase) and (after is None or t > after))
 
     @property
     def prompt_len(self) -> int:
         """Tokens of observation block 0, prefilled at once; the model's first token follows it."""
-        return self.policy.index(True) if True in self.policy else len(self.tokens)
+        return self.is_policy.index(True) if True in self.is_policy else len(self.tokens)
 
     @property
     def stream_tokens(self) -> int:
@@ -384,7 +384,7 @@ class Protocol:
         K = len(ep.problem.chunks)
         per_chunk: list[list[int]] = [[] for _ in range(K)]
         deep: list[int] = []
-        for tok, pol, ph, ch in zip(ep.tokens, ep.policy, ep.phase, ep.chunk):
+        for tok, pol, ph, ch in zip(ep.tokens, ep.is_policy, ep.phase, ep.chunk):
             if pol:
                 (per_chunk[ch] if ph == STREAM else deep).append(tok)
         stream_errors, deep_errors = [], []

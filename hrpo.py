@@ -122,22 +122,22 @@ def group_signal(a_stream: torch.Tensor, a_deep: torch.Tensor, group_size: int) 
 
 @dataclass
 class Batch:
-    """Episodes as right-padded tensors, all (N, T). Position t holds token t; ``policy[t]``
+    """Episodes as right-padded tensors, all (N, T). Position t holds token t; ``is_policy[t]``
     says the model wrote it, so its log-prob is read from the logits at position t-1."""
     ids: torch.Tensor           # long
-    policy: torch.Tensor        # bool, False on padding
+    is_policy: torch.Tensor     # bool: the model wrote the token; False on padding
     old_logp: torch.Tensor      # float, sampling log-probs (0 where not policy)
     adv: torch.Tensor           # float, per-token advantage (0 where not policy)
     lengths: torch.Tensor       # (N,) long, tokens of each episode
 
     @property
     def n_tokens(self) -> int:
-        return int(self.policy.sum())
+        return int(self.is_policy.sum())
 
     def rows(self, idx: torch.Tensor) -> Batch:
         """The episodes ``idx`` (N',), cut to the longest of them."""
         width = int(self.lengths[idx].max())
-        return Batch(self.ids[idx, :width], self.policy[idx, :width], self.old_logp[idx, :width],
+        return Batch(self.ids[idx, :width], self.is_policy[idx, :width], self.old_logp[idx, :width],
                      self.adv[idx, :width], self.lengths[idx])
 
 
@@ -149,19 +149,19 @@ def collate(episodes: list[Episode], device, a_stream: torch.Tensor | None = Non
     """
     N, T = len(episodes), max(len(ep.tokens) for ep in episodes)
     ids = torch.zeros(N, T, dtype=torch.long)
-    policy = torch.zeros(N, T, dtype=torch.bool)
+    is_policy = torch.zeros(N, T, dtype=torch.bool)
     old_logp = torch.zeros(N, T)
     adv = torch.zeros(N, T)
     for i, ep in enumerate(episodes):
         n = len(ep.tokens)
         ids[i, :n] = torch.tensor(ep.tokens)
-        policy[i, :n] = torch.tensor(ep.policy)
+        is_policy[i, :n] = torch.tensor(ep.is_policy)
         old_logp[i, :n] = torch.tensor(ep.logprobs)
         if a_stream is not None:
             deep = torch.tensor(ep.phase) == DEEP
-            adv[i, :n] = torch.where(deep, a_deep[i], a_stream[i]) * policy[i, :n]
+            adv[i, :n] = torch.where(deep, a_deep[i], a_stream[i]) * is_policy[i, :n]
     lengths = torch.tensor([len(ep.tokens) for ep in episodes])
-    return Batch(ids.to(device), policy.to(device), old_logp.to(device), adv.to(device),
+    return Batch(ids.to(device), is_policy.to(device), old_logp.to(device), adv.to(device),
                  lengths.to(device))
 
 
@@ -179,7 +179,7 @@ def policy_logprobs(model, batch: Batch, temperature: float, max_logits: int = 2
     """
     # the last token of an episode is never an input: position t predicts token t+1
     hidden = model(batch.ids[:, :-1], return_hidden=True, lengths=batch.lengths - 1)  # (N, T-1, D)
-    target_mask = batch.policy[:, 1:]
+    target_mask = batch.is_policy[:, 1:]
     h = hidden[target_mask]                                         # (P, D)
     targets = batch.ids[:, 1:][target_mask]                         # (P,)
 
@@ -237,7 +237,7 @@ def clipped_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, 
 
 def _at_policy(batch: Batch, x: torch.Tensor) -> torch.Tensor:
     """Values of a per-token (N, T) tensor at the policy positions, in ``policy_logprobs`` order."""
-    return x[:, 1:][batch.policy[:, 1:]]
+    return x[:, 1:][batch.is_policy[:, 1:]]
 
 
 def _step(model, optimizer, batch: Batch | None, micro_batch: int, n_tokens: int,
@@ -307,7 +307,7 @@ def rl_update(model, optimizer, episodes: list[Episode],
     for _ in range(cfg.epochs):
         for part in split_groups(n_groups, cfg.mini_batches):
             rows = [g * group_size + i for g in part for i in range(group_size)]
-            n_tokens = int(global_sum(float(sum(sum(episodes[r].policy) for r in rows)), device))
+            n_tokens = int(global_sum(float(sum(sum(episodes[r].is_policy) for r in rows)), device))
             if n_tokens == 0:
                 continue
             batch = collate([episodes[r] for r in rows], device, a_stream[rows], a_deep[rows]) \

@@ -254,7 +254,7 @@ def phase_segments(ep) -> list[tuple[int, int, float, float, int]]:
     ``times`` (a policy token's time is when it was finished, so a segment starts one
     ``token_s`` before its first token's)."""
     segments: dict[tuple[int, int], list[float]] = {}
-    for pol, ph, ch, t in zip(ep.policy, ep.phase, ep.chunk, ep.times):
+    for pol, ph, ch, t in zip(ep.is_policy, ep.phase, ep.chunk, ep.times):
         if pol:
             segments.setdefault((ph, ch), []).append(t)
     return [(ph, ch, ts[0] - ep.token_s, ts[-1], len(ts)) for (ph, ch), ts in segments.items()]

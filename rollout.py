@@ -235,8 +235,8 @@ class LiveView:
             print(f"Question: {ep.problem.question}", flush=True)
             self.shown[id(ep)] = [0, 0]
         shown = self.shown[id(ep)]
-        fed = sum(1 for t, pol in zip(ep.tokens, ep.policy) if not pol and t == pr.eos)
-        closed = [c for t, pol, ph, c in zip(ep.tokens, ep.policy, ep.phase, ep.chunk)
+        fed = sum(1 for t, pol in zip(ep.tokens, ep.is_policy) if not pol and t == pr.eos)
+        closed = [c for t, pol, ph, c in zip(ep.tokens, ep.is_policy, ep.phase, ep.chunk)
                   if pol and ph == STREAM and t == pr.eot]
         # a thought closes before the next chunk is fed: interleave chunk k, thought k, ...
         for k in range(len(ep.problem.chunks)):
@@ -244,7 +244,7 @@ class LiveView:
                 print(pr.chunk_line(ep.problem, k), flush=True)
                 shown[0] += 1
             if shown[1] <= k < len(closed):
-                ids = [t for t, pol, c in zip(ep.tokens, ep.policy, ep.chunk) if pol and c == k]
+                ids = [t for t, pol, c in zip(ep.tokens, ep.is_policy, ep.chunk) if pol and c == k]
                 print(pr.thought_line(pr.text(ids[:-1]).strip()), flush=True)
                 shown[1] += 1
         if ep.parsed is not None:

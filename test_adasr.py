@@ -576,7 +576,7 @@ def test_cuda_autocast_rollout_and_rl_update(tiny):
         batch = collate(episodes, "cuda")
         with torch.no_grad():
             logp, _ = policy_logprobs(model, batch, 1.0)
-        assert (batch.old_logp[:, 1:][batch.policy[:, 1:]] - logp).abs().max() <= 0.01
+        assert (batch.old_logp[:, 1:][batch.is_policy[:, 1:]] - logp).abs().max() <= 0.01
         rng = random.Random(0)
         rewards = [Rewards(0, 0, 0, total=rng.random(), stream=rng.random(), deep=rng.random())
                    for _ in episodes]
@@ -633,19 +633,19 @@ def test_gold_stream_episode_structure(tiny):
     p = problems[0]
     ep = protocol.gold(p, "stream")
     K = len(p.chunks)
-    assert len(ep.tokens) == len(ep.policy) == len(ep.phase) == len(ep.chunk) == len(ep.logprobs)
+    assert len(ep.tokens) == len(ep.is_policy) == len(ep.phase) == len(ep.chunk) == len(ep.logprobs)
     # observations are exactly the blocks, in order; policy tokens are exactly thoughts + deep
-    obs = [t for t, pol in zip(ep.tokens, ep.policy) if not pol]
+    obs = [t for t, pol in zip(ep.tokens, ep.is_policy) if not pol]
     assert obs == sum((ids for ids, _ in protocol.blocks(p, "stream")), [])
     assert not any(pol and t in (protocol.eos, protocol.eoq, protocol.eoi)
-                   for t, pol in zip(ep.tokens, ep.policy))
-    assert all(pol for t, pol in zip(ep.tokens, ep.policy) if t in (protocol.eot, protocol.eor))
+                   for t, pol in zip(ep.tokens, ep.is_policy))
+    assert all(pol for t, pol in zip(ep.tokens, ep.is_policy) if t in (protocol.eot, protocol.eor))
     # one <EOT> per chunk, each in the streaming phase, labelled with its chunk
     eots = [(ph, ch) for t, ph, ch in zip(ep.tokens, ep.phase, ep.chunk) if t == protocol.eot]
     assert eots == [(STREAM, k) for k in range(K)]
     assert ep.tokens.index(protocol.eoi) < ep.tokens.index(protocol.eor)
     assert all(ph == DEEP and ch == K for ph, ch, pol, t in
-               zip(ep.phase, ep.chunk, ep.policy, range(len(ep.tokens)))
+               zip(ep.phase, ep.chunk, ep.is_policy, range(len(ep.tokens)))
                if pol and t > ep.tokens.index(protocol.eoi))
     parsed = ep.parsed
     assert parsed.valid, parsed.stream_errors + parsed.deep_errors
@@ -660,12 +660,12 @@ def test_gold_read_then_think_puts_all_thinking_after_the_stream(tiny):
     p = problems[1]
     ep = protocol.gold(p, "read_then_think")
     eoi = ep.tokens.index(protocol.eoi)
-    assert not any(ep.policy[:eoi + 1]) and all(ep.policy[eoi + 1:])
+    assert not any(ep.is_policy[:eoi + 1]) and all(ep.is_policy[eoi + 1:])
     assert set(ep.phase[eoi + 1:]) == {DEEP}
     assert ep.parsed.valid and ep.parsed.answer == p.answer
     assert ep.parsed.skips == [True] * len(p.chunks)
-    assert ep.residual_tokens == ep.deep_tokens == sum(ep.policy)      # the user waits for all
-    assert ep.residual_s == pytest.approx(sum(ep.policy) / protocol.decode_tps)
+    assert ep.residual_tokens == ep.deep_tokens == sum(ep.is_policy)      # the user waits for all
+    assert ep.residual_s == pytest.approx(sum(ep.is_policy) / protocol.decode_tps)
 
 
 def _hand_episode(protocol, problem, thoughts, deep_ids, layout="stream", truncated=False):
@@ -732,14 +732,14 @@ def test_clock_hand_computed(tiny):
     x = tok.encode(" x")[0]
     ep = _hand_episode(clock, problem, [[x, pr.eot], [x] * 5 + [pr.eot], [pr.eot]], [x, x, pr.eoa])
     assert ep.arrivals == [2.0, 5.0, 6.0]
-    policy_times = [t for t, pol in zip(ep.times, ep.policy) if pol]
+    policy_times = [t for t, pol in zip(ep.times, ep.is_policy) if pol]
     assert policy_times == [2.5, 3.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0, 8.5, 9.0, 9.5, 10.0]
     assert (ep.stream_tokens, ep.deep_tokens) == (9, 3)
     assert ep.spill_tokens == 5                      # 4 of thought 1 + the skip of chunk 2
     assert ep.residual_tokens == 8 and ep.residual_s == pytest.approx(4.0)
     # read-then-think on the same clock: every token after a_last = 6
     rtt = _hand_episode(clock, problem, [], [x] * 4 + [pr.eoa], layout="read_then_think")
-    assert [t for t, pol in zip(rtt.times, rtt.policy) if pol] == [6.5, 7.0, 7.5, 8.0, 8.5]
+    assert [t for t, pol in zip(rtt.times, rtt.is_policy) if pol] == [6.5, 7.0, 7.5, 8.0, 8.5]
     assert rtt.residual_tokens == 5 and rtt.residual_s == pytest.approx(2.5)
 
 
@@ -1381,7 +1381,7 @@ def test_batched_rollout_equals_single_rows(tiny):
         for g in range(2):
             ep = batch[b * 2 + g]
             assert ep.problem is p
-            assert ep.tokens == alone.tokens and ep.policy == alone.policy
+            assert ep.tokens == alone.tokens and ep.is_policy == alone.is_policy
             assert ep.phase == alone.phase and ep.chunk == alone.chunk
             assert ep.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
 
@@ -1397,7 +1397,7 @@ def test_rollout_logprobs_equal_training_forward(tiny):
         batch = collate(episodes, "cpu")
         with torch.no_grad():
             logp, _ = policy_logprobs(model, batch, temperature=0.7)
-        old = batch.old_logp[:, 1:][batch.policy[:, 1:]]
+        old = batch.old_logp[:, 1:][batch.is_policy[:, 1:]]
         assert logp.shape == old.shape and logp.numel() > 100
         assert (logp - old).abs().max() <= 1e-5
 
@@ -1416,7 +1416,7 @@ def test_autocast_rollout_logprobs_agree_with_the_training_forward(tiny):
             autocast_logp, _ = policy_logprobs(model, batch, 1.0)
     with torch.no_grad():
         fp32_logp, _ = policy_logprobs(model, batch, 1.0)
-    old = batch.old_logp[:, 1:][batch.policy[:, 1:]]
+    old = batch.old_logp[:, 1:][batch.is_policy[:, 1:]]
     assert len(old) > 100
     assert (old - autocast_logp).abs().max() <= 0.01          # the PPO ratio stays within 1 %
     assert (old - fp32_logp).abs().max() <= 0.05
@@ -1454,14 +1454,14 @@ def test_rollout_records_skips_observations_and_truncation(tiny):
     [ep] = rollout(_Steered(model, {pr.eos}, pr.eot), pr, [p], budget=60, temperature=1.0,
                    generator=torch.Generator().manual_seed(0))
     assert ep.parsed.skips == [True] * len(p.chunks) and ep.stream_tokens == len(p.chunks)
-    obs = [t for t, pol in zip(ep.tokens, ep.policy) if not pol]
+    obs = [t for t, pol in zip(ep.tokens, ep.is_policy) if not pol]
     assert obs == sum((ids for ids, _ in pr.blocks(p, "stream")), [])   # env tokens never policy
     # A model that never closes its thought runs into the budget: truncated, invalid.
     [ep] = rollout(_Steered(model, set(), tok_x := pr.tok.encode(" x")[0], everywhere=True), pr,
                    [p], budget=10, temperature=1.0, generator=torch.Generator().manual_seed(0))
-    assert ep.truncated and sum(ep.policy) == 10 and not ep.parsed.valid
+    assert ep.truncated and sum(ep.is_policy) == 10 and not ep.parsed.valid
     assert "truncated at the token budget" in ep.parsed.stream_errors
-    assert all(t == tok_x for t, pol in zip(ep.tokens, ep.policy) if pol)
+    assert all(t == tok_x for t, pol in zip(ep.tokens, ep.is_policy) if pol)
 
 
 @pytest.mark.parametrize("budget", [1, 3, 8, 40])
@@ -1475,8 +1475,8 @@ def test_budget_holds_for_a_model_that_always_writes_eot(tiny, budget, group_siz
                        temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert len(episodes) == 2 * group_size
     for ep in episodes:
-        assert sum(ep.policy) == budget and ep.truncated and not ep.parsed.valid
-        assert all(t == pr.eot for t, pol in zip(ep.tokens, ep.policy) if pol)
+        assert sum(ep.is_policy) == budget and ep.truncated and not ep.parsed.valid
+        assert all(t == pr.eot for t, pol in zip(ep.tokens, ep.is_policy) if pol)
         K = len(ep.problem.chunks)
         assert ep.parsed.skips[:min(budget, K)] == [True] * min(budget, K)
 
@@ -1486,8 +1486,8 @@ def test_read_then_think_rollout_thinks_after_the_last_chunk(tiny):
     for ep in rollout(model, pr, problems[:2], group_size=2, layout="read_then_think", budget=30,
                       temperature=1.0, generator=torch.Generator().manual_seed(1)):
         eoi = ep.tokens.index(pr.eoi)
-        assert not any(ep.policy[:eoi + 1]) and all(ep.policy[eoi + 1:])
-        assert {(ph, ch) for ph, ch, pol in zip(ep.phase, ep.chunk, ep.policy) if pol} == \
+        assert not any(ep.is_policy[:eoi + 1]) and all(ep.is_policy[eoi + 1:])
+        assert {(ph, ch) for ph, ch, pol in zip(ep.phase, ep.chunk, ep.is_policy) if pol} == \
             {(DEEP, len(ep.problem.chunks))}
 
 
@@ -1675,7 +1675,7 @@ def test_a_hand_made_group_moves_each_phase_the_way_its_own_reward_says(tiny):
         with torch.no_grad():
             lp, _ = policy_logprobs(model, collate([ep], "cpu"), 1.0)
         it = iter(lp.tolist())
-        ep.logprobs = [next(it) if pol and t else 0.0 for t, pol in enumerate(ep.policy)]
+        ep.logprobs = [next(it) if pol and t else 0.0 for t, pol in enumerate(ep.is_policy)]
     rewards = [Rewards(0, 0, 0, total=0.5, stream=1.0, deep=0.0),      # A: stream right, deep wrong
                Rewards(0, 0, 0, total=0.5, stream=0.0, deep=1.0)]      # B: the reverse
     a_s, a_d = advantages(rewards, 2, lam=1.0)
@@ -1685,7 +1685,7 @@ def test_a_hand_made_group_moves_each_phase_the_way_its_own_reward_says(tiny):
     batch = collate([a, b], "cpu", a_s, a_d)
     for i, ep in enumerate((a, b)):                                    # every policy token its phase's
         adv = batch.adv[i, :len(ep.tokens)]
-        for t, (pol, ph) in enumerate(zip(ep.policy, ep.phase)):
+        for t, (pol, ph) in enumerate(zip(ep.is_policy, ep.phase)):
             want = 0.0 if not pol else float((a_d if ph == DEEP else a_s)[i])
             assert float(adv[t]) == pytest.approx(want)
 
@@ -1693,14 +1693,14 @@ def test_a_hand_made_group_moves_each_phase_the_way_its_own_reward_says(tiny):
     # the test reads the tokens whose every occurrence carries one sign.
     signs = {}
     for i, ep in enumerate((a, b)):
-        for t, pol in enumerate(ep.policy):
+        for t, pol in enumerate(ep.is_policy):
             if pol:
                 signs.setdefault(ep.tokens[t], set()).add(float(batch.adv[i, t]) > 0)
 
     def phase_logp(ep):
         """Summed log-prob of the episode's streaming and of its deep tokens (one-sign ids)."""
         lp, _ = policy_logprobs(model, collate([ep], "cpu"), 1.0)
-        mask = torch.tensor(ep.policy[1:])
+        mask = torch.tensor(ep.is_policy[1:])
         ph = torch.tensor(ep.phase[1:])[mask]
         one = torch.tensor([len(signs.get(tok, ())) == 1 for tok in ep.tokens[1:]])[mask]
         return float(lp[(ph == STREAM) & one].sum()), float(lp[(ph == DEEP) & one].sum())

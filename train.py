@@ -192,7 +192,7 @@ class Run:
         layouts = {job.layout for job in plan(args) if job.kind == "sft"}
         self.gold = {layout: [self.protocol.gold(p, layout) for p in self.train] for layout in layouts}
         for layout, episodes in self.gold.items():
-            over = [n for n in (sum(ep.policy) for ep in episodes) if n > args.budget]
+            over = [n for n in (sum(ep.is_policy) for ep in episodes) if n > args.budget]
             if over and d.main:
                 print(f"warning: {len(over)} of {len(episodes)} gold trajectories ({layout}) are "
                       f"longer than --budget {args.budget} policy tokens (the longest {max(over)}); "
@@ -363,7 +363,7 @@ class Run:
         self.seconds["rollout"] += t_roll
         self.seconds["update"] += t_update
         # 5. Metrics of every rollout of the step, kept or not.
-        n_policy = sum(sum(ep.policy) for ep in s.episodes)
+        n_policy = sum(sum(ep.is_policy) for ep in s.episodes)
         n_all = sum(len(ep.tokens) - ep.prompt_len for ep in s.episodes)
         return {**summarize(s.episodes, s.rewards), **update,
                 "groups_generated": s.generated, "groups_kept": sum(d.gather(len(s.kept) // G, args.device)),

@@ -91,7 +91,7 @@ def main(argv=None) -> None:
             return rollout(model, protocol, problems, group_size=G, budget=args.budget,
                            temperature=1.0, generator=torch.Generator().manual_seed(0))
     episodes = ours()
-    n_policy = sum(sum(ep.policy) for ep in episodes)
+    n_policy = sum(sum(ep.is_policy) for ep in episodes)
     n_after_prompt = sum(len(ep.tokens) - ep.prompt_len for ep in episodes)
 
     # transformers on the same weights (through our checkpoint format), same rows, same prompts.
