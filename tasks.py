@@ -11,7 +11,7 @@ model's BPE vocabulary small and the tasks learnable on a CPU in minutes.
     you    Track your count of one item ("How many pens do you have at the end?"). The default.
     named  Track a named person's count of one item among several people and items ("How many
            pens does Ann have at the end?"): whether a chunk matters depends on the question.
-    recover  The positive control for HRPO: in some gold streams one relevant event is missed
+    recover  The positive control for HRPO: the gold stream misses half of your "find" events
            and the deep phase re-reads the stream to recover, right but slow (``_recover``).
     long   Track your count over 8-12 chunks with counts up to 20 and changes up to 5, and the
            question adds one change after the stream ("..., if you then buy 6 more?"): the deep
@@ -49,8 +49,8 @@ FILLERS = ("It is a sunny day.", "It starts to rain.", "The shop is busy.",
 TASKS = {"you": "your count of one item",
          "named": "a named person's count of one item among several people and items",
          "long": "your count over 8-12 chunks up to 20, then one more change in the deep phase",
-         "recover": "your count; some gold streams miss a relevant chunk and the deep phase "
-                    "re-reads to recover (HRPO's positive control)"}
+         "recover": "your count; the gold stream misses half of your 'find' events and the deep "
+                    "phase re-reads to recover (HRPO's positive control)"}
 # Per task: chunks per problem (inclusive range), largest count, largest change of one event.
 _TASK_SIZES = {"you": ((4, 7), 12, 4), "named": ((4, 7), 12, 4), "long": ((8, 12), 20, 5),
                "recover": ((5, 8), 12, 4)}
@@ -165,9 +165,9 @@ def _recover(rng, key, sizes, irrelevant, terse, miss) -> Problem:
     """The positive control for HRPO [ours]: a stream whose quality varies on its own, and a
     deep phase that can make up for it at a price.
 
-    In a share ``miss`` of the problems the gold stream misses one relevant event (it skips it,
-    "" as for a chunk that does not matter) and tracks on from the count it believes, so the
-    state it carries out is wrong; the deep phase then re-reads the whole stream ("Recap: ...")
+    The gold stream misses each "find" event with probability ``miss`` (it skips it, "" as for
+    a chunk that does not matter) and tracks on from the count it believes, so the state it
+    carries out is wrong; the deep phase then re-reads the whole stream ("Recap: ...")
     and answers right, but slowly — the user waits for the recap. When the stream missed
     nothing, the deep phase answers from it at once ("The answer is N."). Irrelevant chunks are
     always skipped, so the one streaming decision is whether to track a relevant event.
@@ -196,7 +196,11 @@ def _recover(rng, key, sizes, irrelevant, terse, miss) -> Problem:
         chunks.append(_event(rng, "You", verb, k, item))
         relevant.append(True)
         count += VERBS[verb][0] * k
-    missed = rng.choice(events)[0] if events and rng.random() < miss else None
+    # Each "find" event is missed with probability ``miss``, on its own: the SFT model then
+    # learns a coin flip at every such chunk, so sampled streams miss often and the miss is
+    # tied to a chunk the stream can learn to read (a miss at a random event was too rare to
+    # sample: the first design, docs/positive_control.md).
+    missed = {i for i, verb, _, _ in events if verb == "find" and rng.random() < miss}
     believed, thoughts, recap = start, [f"You start with {start}."], [f"You started with {start}."]
     by_chunk = {i: (verb, k, before) for i, verb, k, before in events}
     for i in range(1, len(chunks)):
@@ -206,7 +210,7 @@ def _recover(rng, key, sizes, irrelevant, terse, miss) -> Problem:
         verb, k, before = by_chunk[i]
         sign, past = VERBS[verb]
         recap.append(f"You {past} {k}, so {before} {'+' if sign > 0 else '-'} {k} = {before + sign * k}.")
-        if i == missed:
+        if i in missed:
             thoughts.append("")
             continue
         thoughts.append(f"{believed} {'+' if sign > 0 else '-'} {k} = {believed + sign * k}.")
@@ -215,7 +219,7 @@ def _recover(rng, key, sizes, irrelevant, terse, miss) -> Problem:
     rederive = " ".join(["Recap:"] + recap + [final])
     return Problem(id=f"synthetic/{key}", question=f"How many {item[1]} do you have at the end?",
                    chunks=chunks, answer=str(count), relevant=relevant, thoughts=thoughts,
-                   deep=rederive if missed is not None else final, rtt_deep=rederive,
+                   deep=rederive if missed else final, rtt_deep=rederive,
                    state=str(count))
 
 
@@ -231,7 +235,7 @@ def make_synthetic(n: int, seed: int | str, *, task: str = "you", irrelevant: fl
     terse: probability, drawn independently per irrelevant chunk, that its gold thought is ""
         (skip), and per problem that the gold deep reasoning is only what the answer needs
         ("The answer is N.", or the difference for pair) instead of a full recap.
-    miss: task recover only: probability that the gold stream misses one relevant event.
+    miss: task recover only: probability that the gold stream misses a "find" event (each one).
 
     Example, make_synthetic(1, 0)[0]:
         question  "How many pens do you have at the end?"

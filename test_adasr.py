@@ -1303,6 +1303,27 @@ def test_synthetic_terse_changes_thoughts_only():
     assert 0.4 < sum(p.deep != p.rtt_deep for p in terse) / len(terse) < 0.6
 
 
+def test_recover_task_misses_what_its_option_says_and_the_deep_phase_recovers():
+    """The positive control's gold: every episode valid and right; a "find" event is missed in
+    the share ``miss`` says; a stream that missed carries a wrong state and its deep phase
+    re-reads ("Recap:") to the right answer; a stream that missed nothing answers at once."""
+    from rewards import state_right
+    pr = Protocol(train_bpe([], 256 + len(MARKERS), MARKERS))
+
+    def finds(p):
+        return [t == "" for c, r, t in zip(p.chunks, p.relevant, p.thoughts) if r and " find" in c]
+    for miss in (0.0, 0.5, 1.0):
+        problems = make_synthetic(300, 0, task="recover", miss=miss)
+        skipped = [x for p in problems for x in finds(p)]
+        assert abs(sum(skipped) / len(skipped) - miss) < 0.08
+        for p in problems:
+            ep = pr.gold(p, "stream")
+            assert ep.parsed.valid and ep.correct
+            missed = any(finds(p))
+            assert state_right(ep) == (not missed) and p.deep.startswith("Recap:") == missed
+            assert not any(t for t, r in zip(p.thoughts, p.relevant) if not r)   # distractors: skips
+
+
 def test_synthetic_splits_are_disjoint(monkeypatch):
     import tasks
     train, test = synthetic_splits(2000, 300, seed=0)
