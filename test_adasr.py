@@ -2022,6 +2022,18 @@ train.main({_sft_run(stopped)!r})
         assert torch.allclose(p, q, atol=1e-6), name
 
 
+def test_a_garbage_trainer_state_is_one_line_on_resume(tmp_path):
+    import train
+    from cli import UserError
+    out = tmp_path / "run"
+    train.main(_sft_run(out))
+    (out / "checkpoint" / "trainer.pt").write_bytes(b"not a torch file")
+    import shutil
+    shutil.rmtree(out / "sft")                          # so that the job resumes from checkpoint/
+    with pytest.raises(UserError, match="trainer.pt: cannot read the trainer state"):
+        train.main(_sft_run(out, "--resume"))
+
+
 def test_a_diverging_run_stops_before_saving_a_nan_model(tmp_path):
     import train
     from cli import UserError
