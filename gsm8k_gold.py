@@ -12,8 +12,9 @@ when each number arrives. align_steps moves every step to the earliest chunk aft
 numbers it uses are known:
 - known from the start: the numbers of the question sentence (it arrives first) and a short
   table of world constants (WORLD_CONSTANTS: 0, 1, 7, 10, 12, 24, 52, 60, 100, 365, 1000, each
-  with its reason, and their reciprocals), unless a chunk states that number, in which case it is
-  the problem's own and the step waits for that chunk;
+  with its reason, and their reciprocals; what they add to the stream: docs/gsm8k.md), unless a
+  chunk states that number, in which case it is the problem's own and the step waits for that
+  chunk;
 - known after chunk k: the numbers said in chunks 0..k, in digits ("$1,200.50", ".5", "3/4",
   "20%", "20 percent") or in words ("twenty-five", "two hundred and five", "one and a half",
   "half" = 2 or 1/2, "two thirds", "a quarter", "third".."tenth", "twice"/"double"/"pair" = 2,

@@ -55,8 +55,8 @@ def timed(fn) -> float:
 def main(argv=None) -> None:
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--data", default=str(Path(__file__).parent.parent / "shared" / "data" /
-                                          "gsm8k" / "test.jsonl"))
+    ap.add_argument("--data", default=str(Path(__file__).parent.parent / "data" / "gsm8k" /
+                                          "test.jsonl"))
     ap.add_argument("--synthetic", action="store_true", help="synthetic problems instead of --data")
     ap.add_argument("--problems", type=int, default=4, help="B")
     ap.add_argument("--group", type=int, default=8, help="G")
