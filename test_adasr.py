@@ -91,6 +91,26 @@ def test_cache_prefill_then_decode_matches_uncached():
     assert cache.pos.tolist() == [12, 12]
 
 
+def test_linear_without_autograd_computes_the_same_product():
+    """model.Linear computes W @ x^T on a CPU without autograd (the rollout's decode steps) and
+    F.linear with it (training): the same numbers up to the order of the sums, with a bias
+    (qwen2) and without, in fp32 and under bf16 autocast, for a decode step and a prefill."""
+    for model_type in ("llama", "qwen2"):
+        m = small_model(model_type)
+        for ids in (torch.randint(0, 97, (6, 1)), torch.randint(0, 97, (2, 12))):
+            for bf16, tol in ((False, 1e-5), (True, 0.1)):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    with torch.enable_grad():
+                        grad_path = m(ids)
+                    with torch.no_grad():
+                        fast = m(ids)
+                    with torch.no_grad():
+                        h = m.layers[0].mlp.gate_proj(torch.randn(3, 5, 64))
+                assert h.shape == (3, 5, 128) and h.dtype == (torch.bfloat16 if bf16 else torch.float32)
+                assert grad_path.requires_grad and not fast.requires_grad
+                assert (grad_path - fast).abs().max() <= tol
+
+
 def test_cache_ragged_steps_match_each_row_alone():
     """Ragged steps: each row gets its own number of new tokens per step (a prompt, one token, a
     whole chunk, or none), and every row's logits equal those of the row run alone."""
