@@ -305,17 +305,17 @@ def plot_timeline(path: Path, episodes: dict) -> None:
     plt.close(fig)
 
 
-def matmul_gflops(seconds: float = 0.5, dtype: torch.dtype = torch.float32) -> float:
-    """This machine's CPU matmul throughput in ``dtype`` (1024³ products, current thread count),
+def matmul_gflops(seconds: float = 0.5, dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
+    """This machine's CPU matmul throughput in ``dtype`` (n×n×n products, current thread count),
     to print beside absolute times: machines of one kind differ by up to 2x, ratios do not. bf16
     is the number that tells whether the CPU has bf16 matrix units (Intel AMX: ~8x fp32)."""
-    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
-    n, t0 = 0, time.perf_counter()
+    k, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
-        n += 1
-    return 2 * 1024 ** 3 * n / (time.perf_counter() - t0) / 1e9
+        k += 1
+    return 2 * n ** 3 * k / (time.perf_counter() - t0) / 1e9
 
 
 def peak_memory_gib(device="cpu") -> float:

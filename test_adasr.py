@@ -2102,6 +2102,24 @@ def test_bf16_run_trains_and_evaluates_under_cpu_autocast(tmp_path):
     assert load_pretrained(out / "hrpo")[0].dtype == torch.float32
 
 
+def test_bf16_on_a_cpu_without_bf16_units_is_said_at_the_start(monkeypatch, capsys):
+    """--bf16 where a bf16 matmul is slower than fp32 (no AMX or AVX512-BF16) prints one warning
+    with both rates; where bf16 is faster, or without --bf16, or on a GPU, nothing."""
+    import argparse
+    import train
+    rates = {}
+    monkeypatch.setattr(train, "matmul_gflops", lambda seconds, dtype, n: rates[dtype])
+    for bf16_rate, want in ((1.3, True), (300.0, False)):
+        rates.update({torch.bfloat16: bf16_rate, torch.float32: 70.0})
+        for bf16, device in ((True, "cpu"), (False, "cpu"), (True, "cuda")):
+            train.warn_slow_bf16(argparse.Namespace(bf16=bf16, device=device))
+            err = capsys.readouterr().err
+            if want and bf16 and device == "cpu":
+                assert err.startswith("warning: --bf16") and "1.3 GFLOP/s" in err and " 70 " in err
+            else:
+                assert err == ""
+
+
 def test_paired_compare_over_two_seeds_writes_every_file(tmp_path, monkeypatch):
     """--compare --seeds 2: per seed a full run directory; at the top the per-seed rows, mean
     and sd in eval.json and compare.png. Paired: GRPO and HRPO see the same problems at every
@@ -2271,6 +2289,10 @@ BAD_INPUT = {   # case -> (command line, substrings the one line must hold)
                                 ["missing.jsonl", "no such file"]),
     "bench_rollout: --problems 0": (["-m", "tools.bench_rollout", "--problems", "0"], ["--problems = 0"]),
     "bench_model: --new-tokens 0": (["-m", "tools.bench_model", "--new-tokens", "0"], ["--new-tokens = 0"]),
+    "bench_trl: --micro-batch 3": (["-m", "tools.bench_trl", "--micro-batch", "3"], ["--micro-batch 3", "32"]),
+    "bench_trl: without trl": (["-c", "import sys, runpy; sys.modules['trl'] = None; "
+                                "sys.argv = ['bench_trl']; runpy.run_module('tools.bench_trl', run_name='__main__')"],
+                               ["trl is not installed", "pip install trl"]),
     "data: missing file": (["data.py", "{d}/missing.jsonl"], ["missing.jsonl", "no such file"]),
     "train: --stream-credit state with --data": (["train.py", "--stream-credit", "state", "--data",
                                                   "{d}/missing.jsonl"], ["--stream-credit", "synthetic"]),
