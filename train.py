@@ -525,8 +525,9 @@ def warn_slow_bf16(args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    warn_slow_bf16(args)
     d = setup_distributed(args)
+    if d.main:                           # once, not once per rank
+        warn_slow_bf16(args)
     runs = run_dirs(args)
     for run in runs:
         run.main = d.main

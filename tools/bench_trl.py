@@ -10,8 +10,9 @@ term, a token-mean loss over the batch ("dapo" in TRL), one pass over the rows i
 of --micro-batch, and rewards drawn at random (this measures time, not learning), from the same
 prompts: the instruction, the question and the first chunk of the stream. Each side's step is
 timed in two parts: ours as rollout + update, TRL's as `model.generate` + the rest of
-`trainer.train()` (rewards, advantages, log-probs, backward, optimiser). The two alternate for --repeats rounds (this machine's speed drifts) and the
-medians count; the matmul GFLOP/s and the versions are printed beside.
+`trainer.train()` (rewards, advantages, log-probs, backward, optimiser). The two alternate for
+--repeats rounds (this machine's speed drifts) and the medians count; the matmul GFLOP/s and the
+versions are printed beside.
 
 Without TRL installed the script says so and exits with status 2 (``pip install trl``).
 """
@@ -27,7 +28,7 @@ import torch
 
 from adasr import Protocol, add_markers
 from checkpoint import load_pretrained, save_checkpoint
-from cli import ArgumentParser, UserError, run_cli
+from cli import ArgumentParser, UserError, positive, run_cli
 from data import load_problems
 from hrpo import HRPOConfig, advantages, rl_update
 from report import matmul_gflops
@@ -101,17 +102,15 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--data", default=str(Path(__file__).parent.parent / "data" / "gsm8k" /
                                           "test.jsonl"))
-    ap.add_argument("--problems", type=int, default=4, help="B")
-    ap.add_argument("--group", type=int, default=8, help="G")
-    ap.add_argument("--budget", type=int, default=128, help="new tokens per row, at most")
+    ap.add_argument("--problems", type=positive(int), default=4, help="B")
+    ap.add_argument("--group", type=positive(int), default=8, help="G")
+    ap.add_argument("--budget", type=positive(int), default=128, help="new tokens per row, at most")
     ap.add_argument("--full-length", action="store_true", help="every row writes --budget tokens")
-    ap.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved steps of each side; medians count")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--micro-batch", type=positive(int), default=8, help="rows per forward/backward")
+    ap.add_argument("--repeats", type=positive(int), default=3,
+                    help="interleaved steps of each side; medians count")
+    ap.add_argument("--threads", type=positive(int), default=1)
     args = ap.parse_args(argv)
-    for name in ("problems", "group", "budget", "micro_batch", "repeats", "threads"):
-        if getattr(args, name) < 1:
-            raise UserError(f"option --{name.replace('_', '-')} = {getattr(args, name)} must be at least 1")
     if args.problems * args.group % args.micro_batch:
         raise UserError(f"option --micro-batch {args.micro_batch} must divide --problems × --group "
                         f"= {args.problems * args.group} (TRL accumulates whole micro-batches)")
@@ -128,9 +127,9 @@ def main(argv=None) -> None:
     model, tok = load_pretrained(args.model)
     add_markers(model, tok)
     protocol = Protocol(tok)
-    if args.full_length:                 # no stop token: every row runs to its budget
+    stop_ids = protocol.stop_ids         # TRL's stop tokens; with --full-length, ours has none
+    if args.full_length:
         protocol.stop_ids = set()
-    stop_ids = Protocol(tok).stop_ids
     # TRL starts every row from the prompt ours starts from (instruction, question, first chunk);
     # ours feeds the next chunk only after a thought ends (<EOT>), which SmolLM2 as shipped
     # rarely writes, so both sides process about the same tokens ("tok/row" says how many).
