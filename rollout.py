@@ -21,10 +21,16 @@ Design decisions
   chunk 1. The projections and MLP run on the real tokens only; only the attention is padded to
   the longest row of the step (kvcache.CacheStep).
 * The shared prompt (observation block 0) is prefilled once per problem, in the same ragged
-  forward, and copied into the G rows of its group with ``cache.select``.
+  forward as the other rows' step, and copied into the G rows of its group with ``cache.select``.
+  A group can so start at any step: that is how the refill groups of dynamic sampling stream
+  into the rows a rejected group leaves (continuous batching), instead of each refill round
+  running after the last one with its own tail of a few long rows.
 * Finished rows feed nothing, and are dropped from the batch (``cache.select``) once they make
-  up a quarter of it: compacting copies the whole cache, so doing it at every finished row would
-  cost more than the few padded attention rows it saves.
+  up a quarter of it, or to make room for a new group: compacting copies the whole cache, so
+  doing it at every finished row would cost more than the few padded attention rows it saves.
+* Each row draws its random numbers from its own stream, seeded by (seed, problem, sample):
+  its samples do not depend on its neighbours, so a row started late, or the same row in two
+  jobs (GRPO and HRPO, paired), sees the same random numbers.
 * Log-probabilities are recorded under the sampling temperature with plain temperature sampling
   (the rollout offers no top-k/top-p), so they are exactly the ones the training forward
   computes: the first PPO ratio is exactly 1.
@@ -32,6 +38,7 @@ Design decisions
 from __future__ import annotations
 
 import json
+import random
 from typing import Callable
 
 import torch
@@ -56,36 +63,38 @@ def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits.log_softmax(-1)
 
 
-def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+def sample(logits: torch.Tensor, temperature: float, uniform: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (N, V) -> tokens (N,) long, their log-probs (N,) float32. Temperature 0 is greedy.
-    Plain temperature sampling (no top-k/top-p): the recorded log-prob is then exactly that of the
-    distribution the token was drawn from, as the PPO importance ratio requires.
+    """logits (N, V), uniform (N,) numbers in [0, 1), one a row -> tokens (N,) long, their
+    log-probs (N,) float32. Temperature 0 is greedy (and needs no ``uniform``). Plain temperature
+    sampling (no top-k/top-p): the recorded log-prob is then exactly that of the distribution the
+    token was drawn from, as the PPO importance ratio requires.
 
-    Sampling inverts the cumulative distribution with one uniform number per row (the first
-    token whose cumulative probability reaches it): exact, and on a CPU much cheaper than
-    torch.multinomial, which draws an exponential per vocabulary entry (49k for SmolLM2)."""
+    Sampling inverts the cumulative distribution with the row's uniform number (the first token
+    whose cumulative probability reaches it): exact, and on a CPU much cheaper than
+    torch.multinomial, which draws an exponential per vocabulary entry (49k for SmolLM2). The
+    caller draws the numbers so that each row can have its own random stream (``rollout``)."""
     logp = log_probs(logits, temperature)
     if temperature == 0:
         tokens = logp.argmax(-1)
     else:
         cdf = logp.exp().cumsum(-1)                                             # (N, V)
         # u in (0, total]: a token of probability 0 is never the first to reach it
-        u = (1 - torch.rand(len(cdf), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]
+        u = (1 - uniform.to(cdf.device, cdf.dtype)[:, None]) * cdf[:, -1:]
         tokens = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0,
-             generator: torch.Generator | None = None) -> str:
-    """Complete one prompt with the KV cache; stops at the tokenizer's eos. For sanity checks."""
+def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy completion of one prompt with the KV cache, to the tokenizer's eos. For sanity
+    checks (does a loaded checkpoint still answer?)."""
     ids = torch.tensor([tokenizer.encode(prompt)], device=model.device)
     cache = model.new_cache(1, ids.shape[1] + max_new_tokens)
     logits = model(ids, cache)[:, -1]
     out = []
     for _ in range(max_new_tokens):
-        tok, _ = sample(logits, temperature, generator=generator)
+        tok = logits.argmax(-1)
         if tok.item() == tokenizer.eos_id:
             break
         out.append(tok.item())
@@ -117,36 +126,71 @@ def _forward(model, feeds: list[list[int]], cache) -> torch.Tensor:
 # (which doubled SmolLM2's decode step on an AMX CPU; docs/speed.md).
 @torch.no_grad()
 def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: int = 1,
-            layout: str = "stream", budget: int, temperature: float,
-            generator: torch.Generator | None = None,
+            layout: str = "stream", budget: int, temperature: float, seed: int | str = 0,
+            want: int | None = None, accept: Callable[[int, list[Episode]], bool] | None = None,
             on_token: Callable[[Episode], None] | None = None) -> list[Episode]:
-    """Roll out ``group_size`` samples of each problem; returns B*G finished episodes.
+    """Roll out ``group_size`` samples of each problem; returns the finished episodes, grouped:
+    rows b*G … b*G+G-1 are the samples of ``problems[b]``.
 
-    Episodes come grouped: rows b*G … b*G+G-1 are the samples of ``problems[b]``. ``budget`` caps
-    the policy tokens of each row. ``temperature=0`` is greedy. ``on_token(episode)`` is called
-    whenever a row's episode grows after its prompt (``LiveView`` prints the stream).
+    ``budget`` caps the policy tokens of each row; ``temperature=0`` is greedy. Sample g of
+    problem b draws its random numbers from its own stream, seeded by (``seed``, b, g): its tokens
+    do not depend on which rows share its batch, or when it started.
+
+    ``want`` groups (default: all) run at once, and each group that finishes is judged by
+    ``accept(b, episodes)`` (default: every group is accepted). Until ``want`` groups have been
+    accepted, the next problem's group starts in the rows a rejected one leaves, alongside the
+    rows still running: DAPO's dynamic sampling, streamed, so that refill groups keep the batch
+    full instead of each refill round running its own tail of a few long rows. The episodes
+    returned are those of the groups that ran, a prefix of ``problems``; the accepted ones are
+    the first ``want`` that accept takes, in problem order, and no group after them runs.
+
+    ``on_token(episode)`` is called whenever a row's episode grows after its prompt (``LiveView``
+    prints the stream).
     """
     device = next(model.parameters()).device
     B, G = len(problems), group_size
+    want = B if want is None else min(want, B)
     blocks = [protocol.blocks(p, layout) for p in problems]
     longest = max(sum(len(ids) for ids, _ in b) for b in blocks) + budget
-    cache = model.new_cache(B, longest, capacity=B * G)
-    logits = _forward(model, [b[0][0] for b in blocks], cache)      # prefill every prompt
+    cache = model.new_cache(0, longest, capacity=want * G)
+    groups: list[list[_Stream]] = []    # the rows of each group started, in problem order
+    left: list[int] = []                # of each group, the rows still writing
+    active: list[_Stream] = []          # the stream of each row of the cache, in cache order
+    feeds: list[list[int]] = []         # what each row of the cache feeds the next forward
+    accepted = 0
+    while True:
+        # Start groups while fewer than `want` run or were accepted. A group's prompt is
+        # prefilled once, in a new row of this step's forward, then copied into its G rows.
+        running = sum(n > 0 for n in left)
+        fresh = list(range(len(groups), min(B, len(groups) + want - running - accepted)))
+        done = sum(s.done for s in active)
+        if done and (fresh or 4 * done >= len(active)):
+            # drop finished rows: to make room, or once they are a quarter of the batch
+            # (compacting copies the whole cache; doing it for every finished row would cost
+            # more than the few padded attention rows it saves)
+            keep = [r for r, s in enumerate(active) if not s.done]
+            active, feeds = [active[r] for r in keep], [feeds[r] for r in keep]
+            cache.select(torch.tensor(keep, dtype=torch.long, device=device))
+        if not active and not fresh:
+            break
+        cache.add(len(fresh))
+        logits = _forward(model, feeds + [blocks[b][0][0] for b in fresh], cache)
+        if fresh:
+            n = len(active)
+            rows = list(range(n)) + [n + i for i in range(len(fresh)) for _ in range(G)]
+            cache.select(torch.tensor(rows, device=device))
+            logits = logits[torch.tensor(rows, device=device)]
+            for b in fresh:
+                group = [_Stream(protocol.episode(problems[b], layout), blocks[b], b,
+                                 random.Random(f"{seed}/{b}/{g}")) for g in range(G)]
+                groups.append(group)
+                left.append(G)
+                active += group
 
-    # Copy each prompt into its G rows.
-    group = torch.arange(B, device=device).repeat_interleave(G)
-    cache.select(group)
-    logits = logits[group]
-    streams = []
-    for b in group.tolist():
-        s = _Stream(protocol.episode(problems[b], layout), blocks[b])
-        first_ids, first_chunks = blocks[b][0]
-        s.ep.append(first_ids, policy=False, phase=s.phase, chunk=first_chunks)
-        streams.append(s)
-
-    active = list(streams)              # the stream of each row of the cache, in cache order
-    while active:
-        tokens, logps = sample(logits, temperature, generator=generator)
+        # one number a row from the row's own stream (finished rows draw none)
+        uniform = (torch.tensor([0.0 if s.done else s.rng.random() for s in active])
+                   if temperature > 0 else None)
+        tokens, logps = sample(logits, temperature, uniform)
         feeds = []
         for s, tok, logp in zip(active, tokens.tolist(), logps.tolist()):
             if s.done:                              # finished, waiting for compaction
@@ -155,14 +199,12 @@ def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: i
             feeds.append(s.write(tok, logp, protocol, budget))
             if on_token is not None:
                 on_token(s.ep)
-        if 4 * sum(s.done for s in active) >= len(active):       # compact: drop finished rows
-            keep = [r for r, s in enumerate(active) if not s.done]
-            if not keep:
-                break
-            active, feeds = [active[r] for r in keep], [feeds[r] for r in keep]
-            cache.select(torch.tensor(keep, device=device))
-        logits = _forward(model, feeds, cache)
-    return [s.ep for s in streams]
+            if s.done:
+                left[s.group] -= 1
+                if left[s.group] == 0:              # the group's last row: judge the group
+                    episodes = [r.ep for r in groups[s.group]]
+                    accepted += accept is None or accept(s.group, episodes)
+    return [s.ep for group in groups for s in group]
 
 
 def check_context(model, protocol: Protocol, problems: list[Problem], budget: int) -> None:
@@ -180,11 +222,15 @@ def check_context(model, protocol: Protocol, problems: list[Problem], budget: in
 
 class _Stream:
     """Bookkeeping of one row: its episode, its observation blocks, the index of the last block
-    fed, and how many tokens the policy wrote."""
+    fed, how many tokens the policy wrote, its group and its random stream."""
 
-    def __init__(self, ep: Episode, blocks: list[tuple[list[int], list[int]]]):
+    def __init__(self, ep: Episode, blocks: list[tuple[list[int], list[int]]], group: int,
+                 rng: random.Random):
         self.ep, self.blocks, self.block = ep, blocks, 0
         self.n_policy = 0
+        self.group, self.rng = group, rng
+        first_ids, first_chunks = blocks[0]
+        ep.append(first_ids, policy=False, phase=self.phase, chunk=first_chunks)
 
     @property
     def phase(self) -> int:
@@ -298,11 +344,10 @@ def main(argv=None) -> None:
     model, tok = load_pretrained(args.model, device=args.device)
     add_markers(model, tok)
     protocol = Protocol(tok, wpm=args.wpm, decode_tps=args.decode_tps)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
     check_context(model, protocol, problems, args.budget)
-    for problem in problems:
+    for i, problem in enumerate(problems):
         [ep] = rollout(model, protocol, [problem], layout=args.layout, budget=args.budget,
-                       temperature=args.temperature, generator=gen,
+                       temperature=args.temperature, seed=f"{args.seed}/{i}",
                        on_token=None if args.json else LiveView(protocol))
         if args.json:
             print(json.dumps(episode_record(ep)), flush=True)

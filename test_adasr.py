@@ -554,8 +554,8 @@ def test_sample_greedy_and_logprobs():
 
 def test_sample_seeded_and_tempered_logprobs():
     logits = torch.randn(64, 50) * 3
-    a = sample(logits, 0.7, generator=torch.Generator().manual_seed(3))
-    b = sample(logits, 0.7, generator=torch.Generator().manual_seed(3))
+    u = torch.rand(64, generator=torch.Generator().manual_seed(3))
+    a, b = sample(logits, 0.7, u), sample(logits, 0.7, u.clone())
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     want = (logits / 0.7).log_softmax(-1).gather(-1, a[0][:, None])[:, 0]
     assert torch.allclose(a[1], want)
@@ -564,7 +564,7 @@ def test_sample_seeded_and_tempered_logprobs():
 
 def test_sample_draws_from_the_tempered_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, 4)
-    tok, _ = sample(logits, 0.5, generator=torch.Generator().manual_seed(0))
+    tok, _ = sample(logits, 0.5, torch.rand(len(logits), generator=torch.Generator().manual_seed(0)))
     freq = torch.bincount(tok, minlength=4).float() / len(tok)
     assert torch.allclose(freq, (logits[0] / 0.5).softmax(-1), atol=0.01)
 
@@ -592,7 +592,7 @@ def test_cuda_autocast_rollout_and_rl_update(tiny):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert model.new_cache(1, 4).k.dtype == torch.bfloat16
         episodes = rollout(model, pr, problems[:3], group_size=4, budget=40, temperature=1.0,
-                           generator=torch.Generator(device="cuda").manual_seed(0))
+                           seed=0)
         batch = collate(episodes, "cuda")
         with torch.no_grad():
             logp, _ = policy_logprobs(model, batch, 1.0)
@@ -1427,14 +1427,37 @@ def test_batched_rollout_equals_single_rows(tiny):
             assert ep.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
 
 
+def test_streamed_groups_sample_as_if_all_ran_at_once(tiny):
+    """Dynamic sampling streamed: with want=2 and every even group rejected, groups 0-3 run (a
+    rejected group's rows go to the next problem while the others still write), group 4 never
+    starts, and every row samples what it samples when all groups run at once — its random
+    stream is its own — with the log-probs of the training forward (first ratio exactly 1)."""
+    model, _, protocol, problems = tiny
+    model = _Steered(model, set(), protocol.eoa, everywhere=True, size=4.0)   # rows end anywhere
+    judged, order = [], []
+    kw = dict(group_size=3, budget=40, temperature=1.0, seed=6)
+    at_once = rollout(model, protocol, problems[:5], **kw)
+    streamed = rollout(model, protocol, problems[:5], want=2,
+                       accept=lambda b, eps: judged.append(b) or b % 2 == 1,
+                       on_token=lambda ep: order.append(problems.index(ep.problem)), **kw)
+    assert sorted(judged) == [0, 1, 2, 3] and len(streamed) == 12
+    assert order.index(2) < len(order) - order[::-1].index(1)   # 2 started long before 1 ended
+    for a, b in zip(at_once, streamed):
+        assert a.problem is b.problem and a.tokens == b.tokens and a.is_policy == b.is_policy
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    batch = collate(streamed, "cpu")
+    with torch.no_grad():
+        logp, _ = policy_logprobs(model, batch, temperature=1.0)
+    assert (logp - batch.old_logp[:, 1:][batch.is_policy[:, 1:]]).abs().max() <= 1e-5
+
+
 def test_rollout_logprobs_equal_training_forward(tiny):
     """The first PPO ratio must be exactly 1: the log-probs recorded while sampling equal those of
     a teacher-forced forward over the finished sequences (same temperature)."""
     model, _, protocol, problems = tiny
-    gen = torch.Generator().manual_seed(0)
     for layout in ("stream", "read_then_think"):
         episodes = rollout(model, protocol, problems[:4], group_size=3, layout=layout, budget=48,
-                           temperature=0.7, generator=gen)
+                           temperature=0.7, seed=layout)
         batch = collate(episodes, "cpu")
         with torch.no_grad():
             logp, _ = policy_logprobs(model, batch, temperature=0.7)
@@ -1451,7 +1474,7 @@ def test_autocast_rollout_logprobs_agree_with_the_training_forward(tiny):
     model, _, protocol, problems = tiny
     with torch.autocast("cpu", dtype=torch.bfloat16):
         episodes = rollout(model, protocol, problems[:3], group_size=2, budget=40, temperature=1.0,
-                           generator=torch.Generator().manual_seed(0))
+                           seed=0)
         batch = collate(episodes, "cpu")
         with torch.no_grad():
             autocast_logp, _ = policy_logprobs(model, batch, 1.0)
@@ -1464,13 +1487,16 @@ def test_autocast_rollout_logprobs_agree_with_the_training_forward(tiny):
 
 
 class _Steered(torch.nn.Module):
-    """The tiny model with a large logit bonus on one token after given fed tokens (or after
-    every token) — a way to make a random model skip, or never stop, without training it. The
-    "hit" flag travels as an extra hidden feature so that ``return_hidden`` + ``logits`` work."""
+    """The tiny model with a logit bonus (large by default) on one token after given fed tokens
+    (or after every token) — a way to make a random model skip, never stop, or stop at random
+    lengths without training it. The "hit" flag travels as an extra hidden feature so that
+    ``return_hidden`` + ``logits`` work."""
 
-    def __init__(self, model, after: set[int], bonus_token: int, everywhere: bool = False):
+    def __init__(self, model, after: set[int], bonus_token: int, everywhere: bool = False,
+                 size: float = 100.0):
         super().__init__()
         self.model, self.after, self.bonus, self.everywhere = model, after, bonus_token, everywhere
+        self.size, self.cfg = size, model.cfg
 
     def new_cache(self, *a, **kw):
         return self.model.new_cache(*a, **kw)
@@ -1484,7 +1510,7 @@ class _Steered(torch.nn.Module):
 
     def logits(self, h):
         logits = self.model.logits(h[..., :-1]).clone()
-        logits[..., self.bonus] += 100.0 * h[..., -1]
+        logits[..., self.bonus] += self.size * h[..., -1]
         return logits
 
 
@@ -1493,13 +1519,13 @@ def test_rollout_records_skips_observations_and_truncation(tiny):
     p = problems[2]
     # Skip every chunk: a big <EOT> logit right after each chunk's <EOS>.
     [ep] = rollout(_Steered(model, {pr.eos}, pr.eot), pr, [p], budget=60, temperature=1.0,
-                   generator=torch.Generator().manual_seed(0))
+                   seed=0)
     assert ep.parsed.skips == [True] * len(p.chunks) and ep.stream_tokens == len(p.chunks)
     obs = [t for t, pol in zip(ep.tokens, ep.is_policy) if not pol]
     assert obs == sum((ids for ids, _ in pr.blocks(p, "stream")), [])   # env tokens never policy
     # A model that never closes its thought runs into the budget: truncated, invalid.
     [ep] = rollout(_Steered(model, set(), tok_x := pr.tok.encode(" x")[0], everywhere=True), pr,
-                   [p], budget=10, temperature=1.0, generator=torch.Generator().manual_seed(0))
+                   [p], budget=10, temperature=1.0, seed=0)
     assert ep.truncated and sum(ep.is_policy) == 10 and not ep.parsed.valid
     assert "truncated at the token budget" in ep.parsed.stream_errors
     assert all(t == tok_x for t, pol in zip(ep.tokens, ep.is_policy) if pol)
@@ -1513,7 +1539,7 @@ def test_budget_holds_for_a_model_that_always_writes_eot(tiny, budget, group_siz
     model, _, pr, problems = tiny
     eot_model = _Steered(model, set(), pr.eot, everywhere=True)
     episodes = rollout(eot_model, pr, problems[:2], group_size=group_size, budget=budget,
-                       temperature=1.0, generator=torch.Generator().manual_seed(0))
+                       temperature=1.0, seed=0)
     assert len(episodes) == 2 * group_size
     for ep in episodes:
         assert sum(ep.is_policy) == budget and ep.truncated and not ep.parsed.valid
@@ -1525,7 +1551,7 @@ def test_budget_holds_for_a_model_that_always_writes_eot(tiny, budget, group_siz
 def test_read_then_think_rollout_thinks_after_the_last_chunk(tiny):
     model, _, pr, problems = tiny
     for ep in rollout(model, pr, problems[:2], group_size=2, layout="read_then_think", budget=30,
-                      temperature=1.0, generator=torch.Generator().manual_seed(1)):
+                      temperature=1.0, seed=1):
         eoi = ep.tokens.index(pr.eoi)
         assert not any(ep.is_policy[:eoi + 1]) and all(ep.is_policy[eoi + 1:])
         assert {(ph, ch) for ph, ch, pol in zip(ep.phase, ep.chunk, ep.is_policy) if pol} == \
@@ -1624,7 +1650,7 @@ def test_chunked_checkpointed_head_gives_the_same_logprobs_and_gradient(tiny):
     import copy
     model, _, pr, problems = tiny
     batch = collate(rollout(model, pr, problems[:2], group_size=2, budget=32, temperature=1.0,
-                            generator=torch.Generator().manual_seed(2)), "cpu")
+                            seed=2), "cpu")
     outs = []
     for max_logits in (2 ** 24, 7 * model.cfg.vocab_size):     # one pass; chunks of 7 positions
         m = copy.deepcopy(model).train()
@@ -1640,7 +1666,7 @@ def test_micro_batches_give_the_full_batch_gradient(tiny):
     import copy
     model, _, pr, problems = tiny
     episodes = rollout(model, pr, problems[:3], group_size=4, budget=32, temperature=1.0,
-                       generator=torch.Generator().manual_seed(3))
+                       seed=3)
     rewards = [Rewards(0, 0, 0, total=float(i % 3), stream=float(i % 2), deep=float(i % 4))
                for i in range(len(episodes))]
     grads = []
@@ -1660,7 +1686,7 @@ def test_mini_batches_take_several_updates_and_the_clip_acts_from_the_second(tin
     import copy
     model, _, pr, problems = tiny
     episodes = rollout(model, pr, problems[:4], group_size=4, budget=40, temperature=1.0,
-                       generator=torch.Generator().manual_seed(6))
+                       seed=6)
     rng = random.Random(0)
     rewards = [Rewards(0, 0, 0, total=rng.random(), stream=rng.random(), deep=rng.random())
                for _ in episodes]
@@ -1768,7 +1794,7 @@ def test_rl_update_raises_the_best_rollout_and_sft_lowers_its_loss(tiny):
     model, _, pr, problems = tiny
     model = copy.deepcopy(model)
     episodes = rollout(model, pr, problems[:2], group_size=4, budget=32, temperature=1.0,
-                       generator=torch.Generator().manual_seed(4))
+                       seed=4)
     rewards = [Rewards(0, 0, 0, total=float(i == 1), stream=0.0, deep=0.0) for i in range(4)]
     before = [p.detach().clone() for p in model.parameters()]
     best = collate([episodes[1]], "cpu")
@@ -1816,7 +1842,7 @@ def test_two_gloo_processes_give_the_single_process_gradient(tiny, tmp_path):
     import torch.multiprocessing as mp
     model, _, pr, problems = tiny
     episodes = rollout(model, pr, problems[:4], group_size=3, budget=32, temperature=1.0,
-                       generator=torch.Generator().manual_seed(5))
+                       seed=5)
     # groups 0, 1 (rank 0) carry signal; groups 2, 3 (rank 1) are all-equal: zero signal
     rewards = [Rewards(0, 0, 0, total=float(i % 3 == 0) if i < 6 else 0.5, stream=float(i % 2)
                        if i < 6 else 0.0, deep=0.0) for i in range(12)]
@@ -2189,31 +2215,39 @@ def test_presets_set_defaults_that_explicit_options_override():
     assert parse_args([]).task is None and parse_args([]).sft_steps == 600
 
 
-def test_dynamic_sampling_refills_until_the_batch_has_signal():
-    """Groups of fresh problems are rolled out until the batch holds B groups with signal; with
-    no signal at all, the cap (the candidates) stops it and the step has nothing to train on."""
+def test_dynamic_sampling_keeps_the_first_groups_with_signal():
+    """Groups of fresh problems are rolled out until the batch holds B groups with signal, kept in
+    problem order with their advantages; with no signal at all, the cap (the candidates) stops it
+    and the step has nothing to train on."""
     from train import Dist, dynamic_sampling
     G, B = 2, 4
     candidates = list(range(12))                                  # 3× the batch: the cap
-    rounds = []
 
-    def roll(problems, start, signal_of):
-        rounds.append((start, list(problems)))
-        episodes = [f"{p}/{i}" for p in problems for i in range(G)]
-        adv = torch.tensor([float(signal_of(p)) * (-1) ** i for p in problems for i in range(G)])
-        return episodes, [p for p in problems for _ in range(G)], (adv, torch.zeros_like(adv))
-    s = dynamic_sampling(candidates, B, G, lambda p, st: roll(p, st, lambda q: q % 3 != 0),
-                         Dist(), "cpu")
-    # round 1: 0..3 (signal 1, 2), round 2: the 2 missing, 4..5 (both), done
-    assert rounds == [(0, [0, 1, 2, 3]), (4, [4, 5])] and s.generated == 6
+    def roll(problems, want, accept):
+        """rollout's contract, with groups that finish in the order they start"""
+        episodes, accepted = [], 0
+        for b, p in enumerate(problems):
+            if accepted == want:
+                break
+            episodes += (group := [f"{p}/{i}" for i in range(G)])
+            accepted += accept(b, group)
+        return episodes
+
+    def grade(signal_of):
+        def of(episodes):
+            p = int(episodes[0].split("/")[0])
+            adv = torch.tensor([float(signal_of(p)) * (-1) ** i for i in range(G)])
+            return [p] * G, (adv, torch.zeros_like(adv))
+        return of
+    s = dynamic_sampling(candidates, B, G, roll, grade(lambda q: q % 3 != 0), Dist(), "cpu")
+    # 0 has none, 1 and 2 have signal, 3 none, 4 and 5 signal: the batch is full after 6 groups
+    assert s.generated == 6 and s.with_signal == 4          # zero_signal 1/3
     assert s.kept == ["1/0", "1/1", "2/0", "2/1", "4/0", "4/1", "5/0", "5/1"]
     assert s.advantages[0].tolist() == [1, -1] * 4 and s.advantages[1].tolist() == [0] * 8
     assert s.rewards == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5] and len(s.episodes) == 12
-    assert s.with_signal == 4               # of the 6 groups rolled out: zero_signal 1/3
-    rounds.clear()
-    s = dynamic_sampling(candidates, B, G, lambda p, st: roll(p, st, lambda q: False), Dist(), "cpu")
+    s = dynamic_sampling(candidates, B, G, roll, grade(lambda q: False), Dist(), "cpu")
     assert s.kept == [] and s.generated == 12 and len(s.episodes) == 24     # stopped by the cap
-    assert [start for start, _ in rounds] == [0, 4, 8] and s.with_signal == 0
+    assert s.with_signal == 0 and s.advantages[0].numel() == 0
 
 
 # =============================================================================================

@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     def ours():
         with autocast():
             return rollout(model, protocol, problems, group_size=G, budget=args.budget,
-                           temperature=1.0, generator=torch.Generator().manual_seed(0))
+                           temperature=1.0, seed=0)
     episodes = ours()
     n_policy = sum(sum(ep.is_policy) for ep in episodes)
     n_after_prompt = sum(len(ep.tokens) - ep.prompt_len for ep in episodes)

@@ -41,7 +41,7 @@ def ours_step(model, protocol, problems, args) -> dict:
     cfg = HRPOConfig(mini_batches=1)         # one optimiser step over all rows, as TRL takes
     t0 = time.perf_counter()
     episodes = rollout(model, protocol, problems, group_size=args.group, budget=args.budget,
-                       temperature=1.0, generator=torch.Generator().manual_seed(0))
+                       temperature=1.0, seed=0)
     t1 = time.perf_counter()
     rng = random.Random(0)
     rewards = [Rewards(0, 0, 0, total=rng.random(), stream=rng.random(), deep=rng.random())

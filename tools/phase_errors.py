@@ -77,12 +77,11 @@ def main(argv=None) -> None:
     for m in methods:
         model, tok = load_pretrained(run / m)
         protocol = Protocol(tok, wpm=config["wpm"], decode_tps=config["decode_tps"])
-        gen = torch.Generator().manual_seed(args.seed)
         episodes = []
         for i in range(0, len(problems), 16):
             episodes += rollout(model, protocol, problems[i:i + 16], group_size=args.group,
                                 budget=config["budget"], temperature=config["temperature"],
-                                generator=gen)
+                                seed=f"{args.seed}/{i}")
         counts = dict.fromkeys([case for case, _ in CASES], 0)
         for ep in episodes:
             counts[classify(ep)] += 1
