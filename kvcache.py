@@ -164,14 +164,6 @@ class KVCache:
         self.v[layer][rows, :, positions] = v.to(self.v.dtype)
         return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
 
-    def add(self, n: int) -> "KVCache":
-        """Append n empty rows (pos 0) after the rows in use, within the capacity (returns self).
-        Their buffers may hold a dropped row's finite keys, which the mask weighs exactly 0."""
-        if self.batch_size + n > self.buffers[0].shape[1]:
-            raise ValueError(f"KV cache add: {self.batch_size + n} rows, capacity {self.buffers[0].shape[1]}")
-        self.pos = torch.cat([self.pos, self.pos.new_zeros(n)])
-        return self
-
     def select(self, rows: torch.Tensor) -> "KVCache":
         """New row i is current row rows[i] (returns self): drop finished rows with the indices
         of those that stay, or copy a prefilled prompt into G rows with

@@ -21,16 +21,13 @@ Design decisions
   chunk 1. The projections and MLP run on the real tokens only; only the attention is padded to
   the longest row of the step (kvcache.CacheStep).
 * The shared prompt (observation block 0) is prefilled once per problem, in the same ragged
-  forward as the other rows' step, and copied into the G rows of its group with ``cache.select``.
-  A group can so start at any step: that is how the refill groups of dynamic sampling stream
-  into the rows a rejected group leaves (continuous batching), instead of each refill round
-  running after the last one with its own tail of a few long rows.
+  forward, and copied into the G rows of its group with ``cache.select``.
 * Finished rows feed nothing, and are dropped from the batch (``cache.select``) once they make
-  up a quarter of it, or to make room for a new group: compacting copies the whole cache, so
-  doing it at every finished row would cost more than the few padded attention rows it saves.
-* Each row draws its random numbers from its own stream, seeded by (seed, problem, sample):
-  its samples do not depend on its neighbours, so a row started late, or the same row in two
-  jobs (GRPO and HRPO, paired), sees the same random numbers.
+  up a quarter of it: compacting copies the whole cache, so doing it at every finished row would
+  cost more than the few padded attention rows it saves.
+* Each row draws its random numbers from its own stream, seeded by (seed, problem index, sample):
+  its samples do not depend on its neighbours, so the same row in two jobs (GRPO and HRPO,
+  paired) sees the same random numbers however the other rows of the batch went.
 * Log-probabilities are recorded under the sampling temperature with plain temperature sampling
   (the rollout offers no top-k/top-p), so they are exactly the ones the training forward
   computes: the first PPO ratio is exactly 1.
@@ -127,66 +124,31 @@ def _forward(model, feeds: list[list[int]], cache) -> torch.Tensor:
 @torch.no_grad()
 def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: int = 1,
             layout: str = "stream", budget: int, temperature: float, seed: int | str = 0,
-            want: int | None = None, accept: Callable[[int, list[Episode]], bool] | None = None,
             on_token: Callable[[Episode], None] | None = None) -> list[Episode]:
-    """Roll out ``group_size`` samples of each problem; returns the finished episodes, grouped:
-    rows b*G … b*G+G-1 are the samples of ``problems[b]``.
+    """Roll out ``group_size`` samples of each problem; returns B*G finished episodes.
 
-    ``budget`` caps the policy tokens of each row; ``temperature=0`` is greedy. Sample g of
-    problem b draws its random numbers from its own stream, seeded by (``seed``, b, g): its tokens
-    do not depend on which rows share its batch, or when it started.
-
-    ``want`` groups (default: all) run at once, and each group that finishes is judged by
-    ``accept(b, episodes)`` (default: every group is accepted). Until ``want`` groups have been
-    accepted, the next problem's group starts in the rows a rejected one leaves, alongside the
-    rows still running: DAPO's dynamic sampling, streamed, so that refill groups keep the batch
-    full instead of each refill round running its own tail of a few long rows. The episodes
-    returned are those of the groups that ran, a prefix of ``problems``; the accepted ones are
-    the first ``want`` that accept takes, in problem order, and no group after them runs.
-
-    ``on_token(episode)`` is called whenever a row's episode grows after its prompt (``LiveView``
-    prints the stream).
+    Episodes come grouped: rows b*G … b*G+G-1 are the samples of ``problems[b]``. ``budget`` caps
+    the policy tokens of each row. ``temperature=0`` is greedy. Sample g of problem b draws its
+    random numbers from its own stream, seeded by (``seed``, b, g): its tokens do not depend on
+    which other rows share the batch. ``on_token(episode)`` is called whenever a row's episode
+    grows after its prompt (``LiveView`` prints the stream).
     """
     device = next(model.parameters()).device
     B, G = len(problems), group_size
-    want = B if want is None else min(want, B)
     blocks = [protocol.blocks(p, layout) for p in problems]
     longest = max(sum(len(ids) for ids, _ in b) for b in blocks) + budget
-    cache = model.new_cache(0, longest, capacity=want * G)
-    groups: list[list[_Stream]] = []    # the rows of each group started, in problem order
-    left: list[int] = []                # of each group, the rows still writing
-    active: list[_Stream] = []          # the stream of each row of the cache, in cache order
-    feeds: list[list[int]] = []         # what each row of the cache feeds the next forward
-    accepted = 0
-    while True:
-        # Start groups while fewer than `want` run or were accepted. A group's prompt is
-        # prefilled once, in a new row of this step's forward, then copied into its G rows.
-        running = sum(n > 0 for n in left)
-        fresh = list(range(len(groups), min(B, len(groups) + want - running - accepted)))
-        done = sum(s.done for s in active)
-        if done and (fresh or 4 * done >= len(active)):
-            # drop finished rows: to make room, or once they are a quarter of the batch
-            # (compacting copies the whole cache; doing it for every finished row would cost
-            # more than the few padded attention rows it saves)
-            keep = [r for r, s in enumerate(active) if not s.done]
-            active, feeds = [active[r] for r in keep], [feeds[r] for r in keep]
-            cache.select(torch.tensor(keep, dtype=torch.long, device=device))
-        if not active and not fresh:
-            break
-        cache.add(len(fresh))
-        logits = _forward(model, feeds + [blocks[b][0][0] for b in fresh], cache)
-        if fresh:
-            n = len(active)
-            rows = list(range(n)) + [n + i for i in range(len(fresh)) for _ in range(G)]
-            cache.select(torch.tensor(rows, device=device))
-            logits = logits[torch.tensor(rows, device=device)]
-            for b in fresh:
-                group = [_Stream(protocol.episode(problems[b], layout), blocks[b], b,
-                                 random.Random(f"{seed}/{b}/{g}")) for g in range(G)]
-                groups.append(group)
-                left.append(G)
-                active += group
+    cache = model.new_cache(B, longest, capacity=B * G)
+    logits = _forward(model, [b[0][0] for b in blocks], cache)      # prefill every prompt
 
+    # Copy each prompt into its G rows.
+    group = torch.arange(B, device=device).repeat_interleave(G)
+    cache.select(group)
+    logits = logits[group]
+    streams = [_Stream(protocol.episode(problems[b], layout), blocks[b],
+                       random.Random(f"{seed}/{b}/{g}")) for b in range(B) for g in range(G)]
+
+    active = list(streams)              # the stream of each row of the cache, in cache order
+    while active:
         # one number a row from the row's own stream (finished rows draw none)
         uniform = (torch.tensor([0.0 if s.done else s.rng.random() for s in active])
                    if temperature > 0 else None)
@@ -199,12 +161,14 @@ def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: i
             feeds.append(s.write(tok, logp, protocol, budget))
             if on_token is not None:
                 on_token(s.ep)
-            if s.done:
-                left[s.group] -= 1
-                if left[s.group] == 0:              # the group's last row: judge the group
-                    episodes = [r.ep for r in groups[s.group]]
-                    accepted += accept is None or accept(s.group, episodes)
-    return [s.ep for group in groups for s in group]
+        if 4 * sum(s.done for s in active) >= len(active):       # compact: drop finished rows
+            keep = [r for r, s in enumerate(active) if not s.done]
+            if not keep:
+                break
+            active, feeds = [active[r] for r in keep], [feeds[r] for r in keep]
+            cache.select(torch.tensor(keep, device=device))
+        logits = _forward(model, feeds, cache)
+    return [s.ep for s in streams]
 
 
 def check_context(model, protocol: Protocol, problems: list[Problem], budget: int) -> None:
@@ -221,14 +185,12 @@ def check_context(model, protocol: Protocol, problems: list[Problem], budget: in
 
 
 class _Stream:
-    """Bookkeeping of one row: its episode, its observation blocks, the index of the last block
-    fed, how many tokens the policy wrote, its group and its random stream."""
+    """Bookkeeping of one row: its episode (given its prompt), its observation blocks, the index
+    of the last block fed, how many tokens the policy wrote, and its random stream."""
 
-    def __init__(self, ep: Episode, blocks: list[tuple[list[int], list[int]]], group: int,
-                 rng: random.Random):
+    def __init__(self, ep: Episode, blocks: list[tuple[list[int], list[int]]], rng: random.Random):
         self.ep, self.blocks, self.block = ep, blocks, 0
-        self.n_policy = 0
-        self.group, self.rng = group, rng
+        self.n_policy, self.rng = 0, rng
         first_ids, first_chunks = blocks[0]
         ep.append(first_ids, policy=False, phase=self.phase, chunk=first_chunks)
 

@@ -1427,28 +1427,21 @@ def test_batched_rollout_equals_single_rows(tiny):
             assert ep.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
 
 
-def test_streamed_groups_sample_as_if_all_ran_at_once(tiny):
-    """Dynamic sampling streamed: with want=2 and every even group rejected, groups 0-3 run (a
-    rejected group's rows go to the next problem while the others still write), group 4 never
-    starts, and every row samples what it samples when all groups run at once — its random
-    stream is its own — with the log-probs of the training forward (first ratio exactly 1)."""
+def test_a_rows_samples_do_not_depend_on_the_rest_of_the_batch(tiny):
+    """Each row draws from its own random stream: the groups of problems 0-2 sample the same
+    tokens, with the same log-probs, in a batch of 5 problems as in a batch of 3 (where other rows
+    finish, and the cache is compacted, at other steps). Another seed samples other tokens."""
     model, _, protocol, problems = tiny
     model = _Steered(model, set(), protocol.eoa, everywhere=True, size=4.0)   # rows end anywhere
-    judged, order = [], []
-    kw = dict(group_size=3, budget=40, temperature=1.0, seed=6)
-    at_once = rollout(model, protocol, problems[:5], **kw)
-    streamed = rollout(model, protocol, problems[:5], want=2,
-                       accept=lambda b, eps: judged.append(b) or b % 2 == 1,
-                       on_token=lambda ep: order.append(problems.index(ep.problem)), **kw)
-    assert sorted(judged) == [0, 1, 2, 3] and len(streamed) == 12
-    assert order.index(2) < len(order) - order[::-1].index(1)   # 2 started long before 1 ended
-    for a, b in zip(at_once, streamed):
+    kw = dict(group_size=3, budget=40, temperature=1.0)
+    five = rollout(model, protocol, problems[:5], seed=6, **kw)
+    three = rollout(model, protocol, problems[:3], seed=6, **kw)
+    assert len({sum(ep.is_policy) for ep in five}) > 3                  # rows of many lengths
+    for a, b in zip(five, three):
         assert a.problem is b.problem and a.tokens == b.tokens and a.is_policy == b.is_policy
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
-    batch = collate(streamed, "cpu")
-    with torch.no_grad():
-        logp, _ = policy_logprobs(model, batch, temperature=1.0)
-    assert (logp - batch.old_logp[:, 1:][batch.is_policy[:, 1:]]).abs().max() <= 1e-5
+    other = rollout(model, protocol, problems[:3], seed=7, **kw)
+    assert [ep.tokens for ep in other] != [ep.tokens for ep in three]
 
 
 def test_rollout_logprobs_equal_training_forward(tiny):
@@ -2215,39 +2208,31 @@ def test_presets_set_defaults_that_explicit_options_override():
     assert parse_args([]).task is None and parse_args([]).sft_steps == 600
 
 
-def test_dynamic_sampling_keeps_the_first_groups_with_signal():
-    """Groups of fresh problems are rolled out until the batch holds B groups with signal, kept in
-    problem order with their advantages; with no signal at all, the cap (the candidates) stops it
-    and the step has nothing to train on."""
+def test_dynamic_sampling_refills_until_the_batch_has_signal():
+    """Groups of fresh problems are rolled out until the batch holds B groups with signal; with
+    no signal at all, the cap (the candidates) stops it and the step has nothing to train on."""
     from train import Dist, dynamic_sampling
     G, B = 2, 4
     candidates = list(range(12))                                  # 3× the batch: the cap
+    rounds = []
 
-    def roll(problems, want, accept):
-        """rollout's contract, with groups that finish in the order they start"""
-        episodes, accepted = [], 0
-        for b, p in enumerate(problems):
-            if accepted == want:
-                break
-            episodes += (group := [f"{p}/{i}" for i in range(G)])
-            accepted += accept(b, group)
-        return episodes
-
-    def grade(signal_of):
-        def of(episodes):
-            p = int(episodes[0].split("/")[0])
-            adv = torch.tensor([float(signal_of(p)) * (-1) ** i for i in range(G)])
-            return [p] * G, (adv, torch.zeros_like(adv))
-        return of
-    s = dynamic_sampling(candidates, B, G, roll, grade(lambda q: q % 3 != 0), Dist(), "cpu")
-    # 0 has none, 1 and 2 have signal, 3 none, 4 and 5 signal: the batch is full after 6 groups
-    assert s.generated == 6 and s.with_signal == 4          # zero_signal 1/3
+    def roll(problems, start, signal_of):
+        rounds.append((start, list(problems)))
+        episodes = [f"{p}/{i}" for p in problems for i in range(G)]
+        adv = torch.tensor([float(signal_of(p)) * (-1) ** i for p in problems for i in range(G)])
+        return episodes, [p for p in problems for _ in range(G)], (adv, torch.zeros_like(adv))
+    s = dynamic_sampling(candidates, B, G, lambda p, st: roll(p, st, lambda q: q % 3 != 0),
+                         Dist(), "cpu")
+    # round 1: 0..3 (signal 1, 2), round 2: the 2 missing, 4..5 (both), done
+    assert rounds == [(0, [0, 1, 2, 3]), (4, [4, 5])] and s.generated == 6
     assert s.kept == ["1/0", "1/1", "2/0", "2/1", "4/0", "4/1", "5/0", "5/1"]
     assert s.advantages[0].tolist() == [1, -1] * 4 and s.advantages[1].tolist() == [0] * 8
     assert s.rewards == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5] and len(s.episodes) == 12
-    s = dynamic_sampling(candidates, B, G, roll, grade(lambda q: False), Dist(), "cpu")
+    assert s.with_signal == 4               # of the 6 groups rolled out: zero_signal 1/3
+    rounds.clear()
+    s = dynamic_sampling(candidates, B, G, lambda p, st: roll(p, st, lambda q: False), Dist(), "cpu")
     assert s.kept == [] and s.generated == 12 and len(s.episodes) == 24     # stopped by the cap
-    assert s.with_signal == 0 and s.advantages[0].numel() == 0
+    assert [start for start, _ in rounds] == [0, 4, 8] and s.with_signal == 0
 
 
 # =============================================================================================

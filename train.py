@@ -21,14 +21,13 @@ Design decisions
   one RL job each. A finished job leaves its model in OUT/<job>/, so a resumed run skips it; the
   job in progress resumes from OUT/checkpoint/ with its step count and optimizer state.
 * Common random numbers: all randomness of RL step k — which problems, in which order, and the
-  random stream of each sample — is derived from (seed, k), never from the job, so every RL job
-  of a run sees the same problems and, from identical models, draws identical samples; a
+  random streams of each rollout round — is derived from (seed, k), never from the job, so every
+  RL job of a run sees the same problems and, from identical models, draws identical samples; a
   difference between methods then comes from the method. SFT steps likewise share (seed, k)
   between layouts. A resumed run continues exactly as the uninterrupted one, with no RNG state.
 * Dynamic sampling (DAPO): a group whose rewards are all equal carries no signal; the step keeps
   rolling out fresh problems until it holds --rl-batch groups with signal, or until it has rolled
-  out --refill-cap times that many (then it trains on what it has). A fresh problem's group
-  starts as soon as a rejected group has finished, in its rows, while the others still run.
+  out --refill-cap times that many (then it trains on what it has).
 * A non-finite loss or gradient norm stops the run at once, before anything is saved: a NaN
   model must never replace a good one on disk.
 * Data parallel (torchrun): each rank takes a contiguous share of the step's problems; the loss is
@@ -339,23 +338,21 @@ class Run:
         candidates = random.Random(f"{self.seed}/rl/{step}").sample(
             self.train, min(len(self.train), args.refill_cap * B))
 
-        # 2. Rollouts of G samples per problem; each group gets its rewards and advantages as it
-        # finishes, so that dynamic sampling can judge it and start the next in its rows.
-        def roll(problems, want, accept):
-            """This rank's rollouts; the sampling seed depends on (seed, step, rank) only, so
-            that the jobs of a seed share their random numbers (paired)."""
-            return rollout(model, self.protocol, problems, group_size=G, budget=args.budget,
-                           temperature=args.temperature, seed=f"{self.seed}/rl/{step}/{d.rank}",
-                           want=want, accept=accept)
-
-        def grade(episodes):
+        # 2. Rollouts of G samples per problem, their rewards and advantages (a function of the
+        # round, so that dynamic sampling can ask for more).
+        def roll(problems, start):
+            """This rank's rollouts of ``problems``; the sampling seed depends on (seed, step,
+            where in the candidates the round starts, rank) only: common random numbers."""
+            episodes = rollout(model, self.protocol, problems, group_size=G, budget=args.budget,
+                               temperature=args.temperature,
+                               seed=f"{self.seed}/rl/{step}/{start}/{d.rank}")
             rewards = [score(ep, self.rewards) for ep in episodes]
-            return rewards, advantages(rewards, G, job.lam, hcfg.std_eps)
+            return episodes, rewards, advantages(rewards, G, job.lam, hcfg.std_eps)
 
         t = time.time()
         model.eval()
         # 3. Dynamic sampling: keep the first B groups whose advantages are not all zero.
-        s = dynamic_sampling(candidates, B, G, roll, grade, d, args.device)
+        s = dynamic_sampling(candidates, B, G, roll, d, args.device)
         t_roll = time.time() - t
         # 4. The mini-batch updates on the kept groups, with the advantages computed in step 2.
         t = time.time()
@@ -370,7 +367,7 @@ class Run:
         return {**summarize(s.episodes, s.rewards), **update,
                 "groups_generated": s.generated, "groups_kept": sum(d.gather(len(s.kept) // G, args.device)),
                 "zero_signal": 1 - s.with_signal / s.generated,
-                "problem_ids": [ep.problem.id for ep in s.episodes[::G]],      # this rank's
+                "problem_ids": [p.id for p in candidates[:s.generated]],
                 "rollout_policy_tokens_per_s": n_policy / t_roll,
                 "rollout_tokens_per_s": n_all / t_roll,
                 "tokens_per_s": n_policy / (t_roll + t_update)}
@@ -387,32 +384,37 @@ class Sampled:
     with_signal: int            # of those, groups with signal, over all ranks
 
 
-def dynamic_sampling(candidates: list, batch: int, group: int, roll, grade, d: Dist,
-                     device) -> Sampled:
-    """DAPO's dynamic sampling: keep the first ``batch`` groups of the ``candidates`` (problems,
-    in order) whose advantages are not all zero, or as many as the candidates hold (the cap).
+def dynamic_sampling(candidates: list, batch: int, group: int, roll, d: Dist, device) -> Sampled:
+    """DAPO's dynamic sampling: roll out groups of the ``candidates`` (problems, in order) until
+    ``batch`` groups carry signal, over all ranks, or the candidates run out (the cap).
 
-    Each rank works through its own share of the candidates for its share of the batch, with no
-    collective until the end. ``roll(problems, want, accept) -> episodes`` rolls out groups of
-    ``group`` samples, ``want`` at once, and calls ``accept(b, episodes)`` as group b finishes:
-    accept grades it (``grade(episodes) -> (rewards, (A_stream, A_deep))``) and says whether it
-    carries signal; a rejected group's rows go to the next candidate (``rollout.rollout``)."""
-    graded = {}
-
-    def accept(b, episodes):
-        graded[b] = grade(episodes)
-        return bool(group_signal(*graded[b][1], group))
-
-    episodes = roll(d.share(candidates), batch // d.world, accept)
-    ran = range(len(episodes) // group)
-    kept = [b for b in ran if group_signal(*graded[b][1], group)]
-    advantages = tuple(torch.cat([graded[b][1][i] for b in kept]) if kept else torch.zeros(0)
-                       for i in range(2))
-    return Sampled(kept=[ep for b in kept for ep in episodes[b * group:(b + 1) * group]],
-                   advantages=advantages, episodes=episodes,
-                   rewards=[r for b in ran for r in graded[b][0]],
-                   generated=sum(d.gather(len(ran), device)),
-                   with_signal=sum(d.gather(len(kept), device)))
+    ``roll(problems, start) -> (episodes, rewards, (A_stream, A_deep))`` rolls out this rank's
+    share of a round, ``group`` episodes per problem, grouped. Each round asks for the groups
+    still missing, rounded up to a multiple of the ranks; the kept groups are the first with
+    signal in the global order (rank 0's share of a round first)."""
+    s = Sampled([], (torch.zeros(0), torch.zeros(0)), [], [], 0, 0)
+    kept_adv = []
+    while s.generated < len(candidates):
+        need = batch - sum(d.gather(len(s.kept) // group, device))    # groups still missing
+        if need <= 0:
+            break
+        n = min(-(-need // d.world) * d.world, len(candidates) - s.generated)
+        episodes, rewards, (a_stream, a_deep) = roll(d.share(candidates[s.generated:s.generated + n]),
+                                                     s.generated)
+        signal = group_signal(a_stream, a_deep, group)                   # (groups,)
+        counts = d.gather(int(signal.sum()), device)
+        room = max(0, need - sum(counts[:d.rank]))
+        for b in signal.nonzero().flatten().tolist()[:room]:
+            rows = slice(b * group, (b + 1) * group)
+            s.kept += episodes[rows]
+            kept_adv.append((a_stream[rows], a_deep[rows]))
+        s.episodes += episodes
+        s.rewards += rewards
+        s.generated += n
+        s.with_signal += sum(counts)
+    if kept_adv:
+        s.advantages = (torch.cat([a for a, _ in kept_adv]), torch.cat([b for _, b in kept_adv]))
+    return s
 
 
 def progress_line(name: str, step: int, steps: int, m: dict, eta: float) -> str:
