@@ -26,10 +26,14 @@ Design decisions
   uninitialised memory would poison them.
 * ``select`` moves rows inside buffers that have room for B*G rows and never allocates: on a CPU
   the page faults of a fresh buffer cost more than the copy.
-* The cache holds what the forward produces: the weights' dtype, or bf16 under autocast.
+* The cache holds the weights' dtype, or bf16 under autocast on a GPU. On a CPU under bf16
+  autocast the cache and the decode step's attention stay fp32: PyTorch's CPU attention kernel
+  in bf16 took 6.8 ms for 32 rows × one query × 121 keys where fp32 took 0.8 (AVX-512-BF16
+  CPU without AMX; docs/speed.md); the bytes saved do not pay for that.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -158,7 +162,7 @@ class KVCache:
 
     def write(self, layer: int, k, v, rows, positions, length: int):
         """Write the new tokens' k, v (N, Hkv, hd) at (rows, positions) (N,); return this layer's
-        k, v (B, Hkv, length, hd). k and v take the cache's dtype (bf16 under autocast)."""
+        k, v (B, Hkv, length, hd). k and v take the cache's dtype."""
         # advanced indices on dims 0 and 2 put the (N,) index first: the target is (N, Hkv, hd)
         self.k[layer][rows, :, positions] = k.to(self.k.dtype)
         self.v[layer][rows, :, positions] = v.to(self.v.dtype)
@@ -220,13 +224,17 @@ class CacheStep(Ragged):
         the whole cache, then the later tokens of the rows that got several (R2, H, T2, hd)
         against those rows' keys alone."""
         keys, values = self.cache.write(layer, k, v, self.rows, self.positions, self.length)
-        first = F.scaled_dot_product_attention(q[self.first][:, :, None], keys, values,
-                                               attn_mask=self.first_mask, enable_gqa=True)
-        y = first.new_empty(q.shape)            # the attention's dtype (bf16 under autocast)
-        y[self.first[self.lengths > 0]] = first[self.lengths > 0, :, 0]
-        if len(self.more):
-            later = F.scaled_dot_product_attention(
-                q[self.more_idx].transpose(1, 2), keys[self.more], values[self.more],
-                attn_mask=self.more_mask, enable_gqa=True).transpose(1, 2)        # (R2, T2, H, hd)
-            y[self.more_idx[self.more_valid]] = later[self.more_valid]
+        q = q.to(keys.dtype)
+        # attention in the cache's dtype: autocast would cast an fp32 cache (a CPU's) to bf16
+        with torch.autocast(q.device.type, enabled=False) if keys.dtype == torch.float32 \
+                else nullcontext():
+            first = F.scaled_dot_product_attention(q[self.first][:, :, None], keys, values,
+                                                   attn_mask=self.first_mask, enable_gqa=True)
+            y = first.new_empty(q.shape)
+            y[self.first[self.lengths > 0]] = first[self.lengths > 0, :, 0]
+            if len(self.more):
+                later = F.scaled_dot_product_attention(
+                    q[self.more_idx].transpose(1, 2), keys[self.more], values[self.more],
+                    attn_mask=self.more_mask, enable_gqa=True).transpose(1, 2)    # (R2, T2, H, hd)
+                y[self.more_idx[self.more_valid]] = later[self.more_valid]
         return y

@@ -316,10 +316,11 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, capacity: int | None = None) -> KVCache:
         """A cache for batch_size rows (room for ``capacity``, default batch_size) of up to
-        max_len tokens, in the dtype the forward produces keys/values in: the weights' dtype, or
-        the autocast dtype when autocast is on."""
+        max_len tokens, in the weights' dtype, or on a GPU under autocast in the autocast dtype
+        (kvcache.py says why a CPU keeps fp32)."""
         c, kind = self.cfg, self.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.dtype
+        autocast = kind != "cpu" and torch.is_autocast_enabled(kind)
+        dtype = torch.get_autocast_dtype(kind) if autocast else self.dtype
         return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, self.device,
                        dtype, capacity)
 

@@ -66,8 +66,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--seed", type=at_least(0), default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--bf16", action="store_true",
-                   help="bf16 autocast (fp32 master weights): for GPUs and CPUs with bf16 matrix "
-                        "units (Intel AMX); slower than fp32 on other CPUs")
+                   help="bf16 autocast (fp32 master weights): for GPUs and CPUs with bf16 "
+                        "instructions (Intel AMX, AVX-512 BF16); slower than fp32 on other CPUs")
     g.add_argument("--threads", type=at_least(1), default=2, help="CPU threads (torch.set_num_threads)")
     g.add_argument("--log-every", type=at_least(1), default=10)
     g.add_argument("--save-every", type=at_least(1), default=50, help="checkpoint period (steps)")
