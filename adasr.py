@@ -67,6 +67,7 @@ end of reasoning, end of answer. Added to every tokenizer as special tokens."""
 
 STREAM, DEEP = 0, 1            # the phase of a token
 LAYOUTS = ("stream", "read_then_think")
+BUDGET = 160                   # policy tokens a rollout may write (T in the rewards)
 
 INSTRUCTION = ("Read the problem as it arrives. After each sentence think briefly, or skip. "
                "When the input ends, reason and give the answer in \\boxed{}.")

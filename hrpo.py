@@ -55,12 +55,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from adasr import DEEP, Episode
+from model import token_logprobs
 from parallel import global_sum, sync_gradients
 from rewards import Rewards
-from rollout import log_probs
 
 
 @dataclass(frozen=True)
@@ -170,12 +169,8 @@ def policy_logprobs(model, batch: Batch, temperature: float, max_logits: int = 2
     """Log-probs (and entropies) of the policy tokens of ``batch`` under ``model``.
 
     Returns (logp, entropy), each (P,) with P = batch.n_tokens, in row-major order of the policy
-    positions; entropy is detached (a metric, not a loss term; None when not asked for). The
-    forward computes each episode's real tokens only (``lengths``: no matmul on padding), and
-    the prefix that the micro-batch's episodes share (the instruction) once. The
-    vocabulary projection runs on chunks of at most ``max_logits`` logits (positions × vocab);
-    when there is more than one chunk each runs under activation checkpointing, so no chunk's
-    logits are kept for the backward pass.
+    positions (``model.token_logprobs``). The forward computes each episode's real tokens only
+    (``lengths``: no matmul on padding), and the prefix the episodes share (the instruction) once.
     """
     # the last token of an episode is never an input: position t predicts token t+1
     hidden = model(batch.ids[:, :-1], return_hidden=True, lengths=batch.lengths - 1)  # (N, T-1, D)
@@ -183,21 +178,7 @@ def policy_logprobs(model, batch: Batch, temperature: float, max_logits: int = 2
     h = hidden[target_mask]                                         # (P, D)
     targets = batch.ids[:, 1:][target_mask]                         # (P,)
 
-    def head(h_chunk, t_chunk):
-        lsm = log_probs(model.logits(h_chunk), temperature)                     # (c, V) fp32
-        logp = lsm.gather(-1, t_chunk[:, None]).squeeze(-1)
-        if not entropy:
-            return logp, None
-        with torch.no_grad():
-            return logp, -(lsm.exp() * lsm).sum(-1)
-
-    chunk = max(1, max_logits // model.cfg.vocab_size)
-    if h.shape[0] <= chunk:
-        return head(h, targets)
-    outs = [checkpoint(head, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
-            if torch.is_grad_enabled() else head(h[i:i + chunk], targets[i:i + chunk])
-            for i in range(0, h.shape[0], chunk)]
-    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]) if entropy else None
+    return token_logprobs(model, h, targets, temperature, max_logits, entropy)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -408,3 +408,80 @@ def init_weights(model: Transformer, seed: int):
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+# ---------------------------------------------------------------------------------------------
+# The policy's distribution: sampling and scoring share one definition
+# ---------------------------------------------------------------------------------------------
+
+def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits (..., V) -> log softmax(logits / temperature) (..., V) in fp32: the one definition of
+    the policy's distribution, shared by sampling (the rollout) and scoring (training), so that a
+    rollout's log-probs are exactly the training forward's. Temperature 0 (greedy) is scored at 1."""
+    logits = logits.float()
+    if temperature not in (0, 1):       # skip a pass over (tokens × vocab) when it changes nothing
+        logits = logits / temperature
+    return logits.log_softmax(-1)
+
+
+def sample(logits: torch.Tensor, temperature: float, uniform: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, V), uniform (N,) numbers in [0, 1), one a row -> tokens (N,) long, their
+    log-probs (N,) float32. Temperature 0 is greedy (and needs no ``uniform``). Plain temperature
+    sampling (no top-k/top-p): the recorded log-prob is then exactly that of the distribution the
+    token was drawn from, as the PPO importance ratio requires.
+
+    Sampling inverts the cumulative distribution with the row's uniform number (the first token
+    whose cumulative probability reaches it): exact, and on a CPU much cheaper than
+    torch.multinomial, which draws an exponential per vocabulary entry (49k for SmolLM2). The
+    caller draws the numbers so that each row can have its own random stream (``rollout``)."""
+    logp = log_probs(logits, temperature)
+    if temperature == 0:
+        tokens = logp.argmax(-1)
+    else:
+        cdf = logp.exp().cumsum(-1)                                             # (N, V)
+        # u in (0, total]: a token of probability 0 is never the first to reach it
+        u = (1 - uniform.to(cdf.device, cdf.dtype)[:, None]) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy completion of one prompt with the KV cache, to the tokenizer's eos. For sanity
+    checks (does a loaded checkpoint still answer?)."""
+    ids = torch.tensor([tokenizer.encode(prompt)], device=model.device)
+    cache = model.new_cache(1, ids.shape[1] + max_new_tokens)
+    logits = model(ids, cache)[:, -1]
+    out = []
+    for _ in range(max_new_tokens):
+        tok = logits.argmax(-1)
+        if tok.item() == tokenizer.eos_id:
+            break
+        out.append(tok.item())
+        logits = model(tok[:, None], cache)[:, -1]
+    return tokenizer.decode(out)
+
+
+def token_logprobs(model, h: torch.Tensor, targets: torch.Tensor, temperature: float,
+                   max_logits: int = 2 ** 24, entropy: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states h (P, dim) and the tokens that followed them (P,) -> their log-probs (P,)
+    and, if asked, the distribution's entropies (P,), detached: a metric, never a loss term.
+
+    The output head is the memory peak of training ((P × vocab) fp32 logits, 49k wide for
+    SmolLM2): above ``max_logits`` logits it runs in chunks, each under activation checkpointing,
+    so no chunk's logits are kept for the backward pass. A small vocabulary takes one pass."""
+    def head(h_chunk, t_chunk):
+        lsm = log_probs(model.logits(h_chunk), temperature)                     # (c, V) fp32
+        logp = lsm.gather(-1, t_chunk[:, None]).squeeze(-1)
+        if not entropy:
+            return logp, None
+        with torch.no_grad():
+            return logp, -(lsm.exp() * lsm).sum(-1)
+
+    chunk = max(1, max_logits // model.cfg.vocab_size)
+    if h.shape[0] <= chunk:
+        return head(h, targets)
+    outs = [checkpoint(head, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+            if torch.is_grad_enabled() else head(h[i:i + chunk], targets[i:i + chunk])
+            for i in range(0, h.shape[0], chunk)]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]) if entropy else None

@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from adasr import Episode
+from adasr import BUDGET, Episode
 
 # ---------------------------------------------------------------------------------------------
 # Rewards
@@ -58,7 +58,7 @@ class RewardConfig:
     """
     alpha: float = 0.3
     beta: float = 0.05
-    budget: int = 160
+    budget: int = BUDGET
     stream_credit: str = "answer"
 
 

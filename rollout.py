@@ -1,9 +1,8 @@
 """rollout.py — the chunk-by-chunk rollout loop: B problems × G samples, one batched forward a step.
 
-This file owns the policy's distribution (``log_probs``, ``sample``: one definition for the
-rollout that samples and the training forward that scores), the rollout loop that turns
-problems into finished Episodes (``rollout``), and streaming inference from the command line
-(``python rollout.py --model DIR --problem "..."``, shown live by ``LiveView``).
+This file owns the rollout loop that turns problems into finished Episodes (``rollout``; it
+samples with ``model.sample``, the one definition of the policy's distribution), and streaming
+inference from the command line (``python rollout.py --model DIR --problem "..."``, ``LiveView``).
 
 Every row reads its stream chunk by chunk. The environment feeds a chunk's tokens as
 observations; the model writes a thought until it emits ``<EOT>`` (just ``<EOT>`` is a skip); then
@@ -40,64 +39,11 @@ from typing import Callable
 
 import torch
 
-from adasr import DEEP, LAYOUTS, STREAM, Episode, Problem, Protocol, add_markers
+from adasr import BUDGET, DEEP, LAYOUTS, STREAM, Episode, Problem, Protocol, add_markers
 from checkpoint import load_pretrained
 from cli import ArgumentParser, UserError, check_device, check_options, run_cli
 from data import load_problems, marker_in, split_question
-from rewards import RewardConfig
-
-# ---------------------------------------------------------------------------------------------
-# The policy's distribution: sampling and scoring share one definition
-# ---------------------------------------------------------------------------------------------
-
-def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits (..., V) -> log softmax(logits / temperature) (..., V) in fp32: the one definition of
-    the policy's distribution, shared by sampling (the rollout) and scoring (training), so that a
-    rollout's log-probs are exactly the training forward's. Temperature 0 (greedy) is scored at 1."""
-    logits = logits.float()
-    if temperature not in (0, 1):       # skip a pass over (tokens × vocab) when it changes nothing
-        logits = logits / temperature
-    return logits.log_softmax(-1)
-
-
-def sample(logits: torch.Tensor, temperature: float, uniform: torch.Tensor | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (N, V), uniform (N,) numbers in [0, 1), one a row -> tokens (N,) long, their
-    log-probs (N,) float32. Temperature 0 is greedy (and needs no ``uniform``). Plain temperature
-    sampling (no top-k/top-p): the recorded log-prob is then exactly that of the distribution the
-    token was drawn from, as the PPO importance ratio requires.
-
-    Sampling inverts the cumulative distribution with the row's uniform number (the first token
-    whose cumulative probability reaches it): exact, and on a CPU much cheaper than
-    torch.multinomial, which draws an exponential per vocabulary entry (49k for SmolLM2). The
-    caller draws the numbers so that each row can have its own random stream (``rollout``)."""
-    logp = log_probs(logits, temperature)
-    if temperature == 0:
-        tokens = logp.argmax(-1)
-    else:
-        cdf = logp.exp().cumsum(-1)                                             # (N, V)
-        # u in (0, total]: a token of probability 0 is never the first to reach it
-        u = (1 - uniform.to(cdf.device, cdf.dtype)[:, None]) * cdf[:, -1:]
-        tokens = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
-
-
-@torch.inference_mode()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """Greedy completion of one prompt with the KV cache, to the tokenizer's eos. For sanity
-    checks (does a loaded checkpoint still answer?)."""
-    ids = torch.tensor([tokenizer.encode(prompt)], device=model.device)
-    cache = model.new_cache(1, ids.shape[1] + max_new_tokens)
-    logits = model(ids, cache)[:, -1]
-    out = []
-    for _ in range(max_new_tokens):
-        tok = logits.argmax(-1)
-        if tok.item() == tokenizer.eos_id:
-            break
-        out.append(tok.item())
-        logits = model(tok[:, None], cache)[:, -1]
-    return tokenizer.decode(out)
-
+from model import sample
 
 # ---------------------------------------------------------------------------------------------
 # The rollout
@@ -144,31 +90,31 @@ def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: i
     group = torch.arange(B, device=device).repeat_interleave(G)
     cache.select(group)
     logits = logits[group]
-    streams = [_Stream(protocol.episode(problems[b], layout), blocks[b],
+    rows = [_Row(protocol.episode(problems[b], layout), blocks[b],
                        random.Random(f"{seed}/{b}/{g}")) for b in range(B) for g in range(G)]
 
-    active = list(streams)              # the stream of each row of the cache, in cache order
+    active = list(rows)                 # the row state of each row of the cache, in cache order
     while active:
         # one number a row from the row's own stream (finished rows draw none)
-        uniform = (torch.tensor([0.0 if s.done else s.rng.random() for s in active])
+        uniform = (torch.tensor([0.0 if row.done else row.rng.random() for row in active])
                    if temperature > 0 else None)
         tokens, logps = sample(logits, temperature, uniform)
         feeds = []
-        for s, tok, logp in zip(active, tokens.tolist(), logps.tolist()):
-            if s.done:                              # finished, waiting for compaction
+        for row, tok, logp in zip(active, tokens.tolist(), logps.tolist()):
+            if row.done:                            # finished, waiting for compaction
                 feeds.append([])
                 continue
-            feeds.append(s.write(tok, logp, protocol, budget))
+            feeds.append(row.write(tok, logp, protocol, budget))
             if on_token is not None:
-                on_token(s.ep)
-        if 4 * sum(s.done for s in active) >= len(active):       # compact: drop finished rows
-            keep = [r for r, s in enumerate(active) if not s.done]
+                on_token(row.ep)
+        if 4 * sum(row.done for row in active) >= len(active):   # compact: drop finished rows
+            keep = [r for r, row in enumerate(active) if not row.done]
             if not keep:
                 break
             active, feeds = [active[r] for r in keep], [feeds[r] for r in keep]
             cache.select(torch.tensor(keep, device=device))
         logits = _forward(model, feeds, cache)
-    return [s.ep for s in streams]
+    return [row.ep for row in rows]
 
 
 def check_context(model, protocol: Protocol, problems: list[Problem], budget: int) -> None:
@@ -184,7 +130,7 @@ def check_context(model, protocol: Protocol, problems: list[Problem], budget: in
                             "(max_position_embeddings); lower --budget or shorten the problem")
 
 
-class _Stream:
+class _Row:
     """Bookkeeping of one row: its episode (given its prompt), its observation blocks, the index
     of the last block fed, how many tokens the policy wrote, and its random stream."""
 
@@ -282,7 +228,7 @@ def main(argv=None) -> None:
     ap.add_argument("--wpm", type=float, default=Protocol.WPM, help="words per minute of the stream")
     ap.add_argument("--decode-tps", type=float, default=Protocol.DECODE_TPS,
                     help="model tokens per second")
-    ap.add_argument("--budget", type=int, default=RewardConfig.budget, help="policy tokens per problem")
+    ap.add_argument("--budget", type=int, default=BUDGET, help="policy tokens per problem")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")

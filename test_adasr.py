@@ -30,9 +30,9 @@ from gsm8k_gold import WORLD_CONSTANTS, align_steps, causality_errors, parse_ste
 from kvcache import Ragged, shared_prefix
 from hrpo import (HRPOConfig, advantages, clipped_loss, collate, policy_logprobs, rl_update,
                   sft_update)
-from model import ModelConfig, Transformer, init_weights, tiny_config
+from model import ModelConfig, Transformer, generate, init_weights, log_probs, sample, tiny_config
 from rewards import RewardConfig, Rewards, score, summarize
-from rollout import generate, log_probs, rollout, sample
+from rollout import rollout
 from tasks import make_synthetic, synthetic_splits
 from tokenizer import Tokenizer, format_chat, train_bpe
 

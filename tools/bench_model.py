@@ -14,7 +14,7 @@ import torch
 from checkpoint import hf_name, load_pretrained
 from cli import ArgumentParser, UserError, run_cli
 from report import matmul_gflops
-from rollout import generate
+from model import generate
 from tokenizer import format_chat
 
 BATCHES = (1, 8, 32)
