@@ -27,8 +27,8 @@ What this file owns
   both layouts, parsing an episode back into thoughts / skips / deep reasoning / answer, the
   latency clock of docs/method.md §2, and rendering an episode as a readable trace.
 
-This module imports only cli.py's error from the project: it is the base that data.py,
-tasks.py, rewards.py, rollout.py, hrpo.py and train.py build on.
+This module imports nothing of the project: it is the base that data.py, tasks.py,
+rewards.py, rollout.py, hrpo.py and train.py build on.
 
 Design decisions
 ----------------
@@ -59,7 +59,6 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from cli import CheckpointError
 
 MARKERS = ["<EOQ>", "<EOS>", "<EOT>", "<EOI>", "<EOR>", "<EOA>"]
 """End of question, end of sentence (chunk), end of thought, end of input (the stream is over),
@@ -287,7 +286,7 @@ class Episode:
 class Protocol:
     """Token-level protocol for one tokenizer and one clock.
 
-    ``tokenizer`` must already hold ``MARKERS`` as special tokens (``add_markers`` does it).
+    ``tokenizer`` must already hold ``MARKERS`` as special tokens (``checkpoint.add_markers`` does it).
     ``wpm`` is the reading speed of the stream (words per minute, 150 as in the paper) and
     ``decode_tps`` the model's writing speed (tokens per second) of the simulated clock.
     """
@@ -457,39 +456,6 @@ class Protocol:
             if ep.layout == "stream":
                 lines.append(self.thought_line(ep.parsed.thoughts[k]))
         return "\n".join(lines + self.ending_lines(ep))
-
-
-def add_markers(model, tokenizer) -> None:
-    """Give a tokenizer the AdaSR markers and grow the model's embedding to hold them.
-
-    A pretrained model's new marker rows start as its newline token plus a tenth of the
-    marker's name ("EOT" as its tokenizer spells it, less the mean row). A marker ends a
-    sentence, thought or answer, where the model already expects a line break, so it can write
-    `<EOT>` from the first SFT step; the names make the six rows differ, so that the model can
-    tell `<EOT>` from `<EOR>` (equal rows of a tied embedding get equal logits whatever the model
-    computes); a tenth keeps them close enough to a newline that the model still reads one
-    (the alternatives that failed: docs/smollm2.md). Rows this close apart are slow to separate
-    at a fine-tuning learning rate, so train.py moves them 20× as far per optimizer step
-    (``MARKER_BOOST``)."""
-    tokenizer.add_special_tokens(MARKERS)
-    if tokenizer.vocab_size <= model.cfg.vocab_size:
-        return
-    newline = tokenizer.encode("\n")
-    if [tokenizer.token_id(m) for m in MARKERS] != list(range(model.cfg.vocab_size, tokenizer.vocab_size)):
-        raise CheckpointError(f"the model's vocabulary ({model.cfg.vocab_size} rows) does not "
-                              f"match its tokenizer's ({tokenizer.vocab_size} tokens with the "
-                              "markers): the checkpoint's tokenizer.json is not its model's")
-    if len(newline) != 1:
-        model.resize_vocab(tokenizer.vocab_size)
-        return
-    names = [tokenizer.encode(m.strip("<>")) for m in MARKERS]
-
-    def init(w):                                   # w: (vocab, dim) -> (6, dim)
-        rows = w[[newline[0]] * len(names)]
-        for row, name in zip(rows, names):
-            row += 0.1 * (w[name].mean(0) - w.mean(0))
-        return rows
-    model.resize_vocab(tokenizer.vocab_size, init=init)
 
 
 if __name__ == "__main__":      # a library: say where the programs are rather than do nothing

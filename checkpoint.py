@@ -18,16 +18,126 @@ Design decisions
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from adasr import MARKERS
 from cli import CheckpointError, UserError
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face config.json <-> ModelConfig
+# ---------------------------------------------------------------------------------------------
+
+def config_from_hf(d: dict, path) -> ModelConfig:
+    """A Hugging Face config.json dict -> ModelConfig, refusing what the decoder does not implement
+    (``path`` names the file in errors)."""
+
+    def reject(field, value, why):
+        raise CheckpointError(f"{path}: field '{field}' = {value!r} is not supported ({why})")
+
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+
+    def get(key, default=..., kind=None):
+        """Field ``key``; with ``kind`` int (a positive count) or float it must be one."""
+        if key not in d or d[key] is None:
+            if default is ...:
+                raise CheckpointError(f"{path}: required field '{key}' is missing")
+            return default
+        value = d[key]
+        if kind is int and (type(value) is not int or value < 1):
+            reject(key, value, "a positive integer")
+        if kind is float and (type(value) not in (int, float) or not math.isfinite(value) or value <= 0):
+            reject(key, value, "a positive number")
+        return value
+
+    model_type = get("model_type")
+    if model_type not in ARCHITECTURES:
+        reject("model_type", model_type, f"supported: {', '.join(ARCHITECTURES)}")
+    if get("hidden_act", "silu") != "silu":
+        reject("hidden_act", d["hidden_act"], "only silu (SwiGLU) is implemented")
+    # rope: transformers<5 writes rope_theta (+ rope_scaling), transformers>=5 rope_parameters
+    rope_theta = get("rope_theta", 10000.0, float)
+    for field in ("rope_scaling", "rope_parameters"):
+        rope = d.get(field)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            reject(field, rope, "a JSON object with rope_type")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            reject(field, rope, "only plain RoPE is implemented")
+        rope_theta = rope.get("rope_theta", rope_theta)
+        if type(rope_theta) not in (int, float) or rope_theta <= 0:
+            reject(field, rope, "rope_theta must be a positive number")
+    if model_type == "llama" or model_type == "qwen3":
+        for field in ("attention_bias", "mlp_bias"):
+            if d.get(field):
+                reject(field, d[field], f"{model_type} without biases only")
+    if model_type in ("qwen2", "qwen3"):
+        if d.get("use_sliding_window"):
+            reject("use_sliding_window", d["use_sliding_window"], "sliding-window attention is not implemented")
+        layer_types = set(d.get("layer_types") or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            reject("layer_types", sorted(layer_types), "only full_attention is implemented")
+    dim, n_heads = get("hidden_size", kind=int), get("num_attention_heads", kind=int)
+    try:
+        return ModelConfig(
+            vocab_size=get("vocab_size", kind=int),
+            dim=dim,
+            n_layers=get("num_hidden_layers", kind=int),
+            n_heads=n_heads,
+            n_kv_heads=get("num_key_value_heads", n_heads, int),
+            head_dim=get("head_dim", dim // n_heads, int),
+            ffn_dim=get("intermediate_size", kind=int),
+            rope_theta=float(rope_theta),
+            norm_eps=float(get("rms_norm_eps", 1e-6, float)),
+            tie_embeddings=get("tie_word_embeddings", False),
+            qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
+            max_seq_len=get("max_position_embeddings", 2048, int),
+            model_type=model_type,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+        )
+    except (ValueError, TypeError, ZeroDivisionError) as e:  # e.g. heads that do not divide
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """The config.json dict that `transformers` (4.x and 5.x) and ``config_from_hf`` both read."""
+    d = {
+        "architectures": [ARCHITECTURES[cfg.model_type]],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.ffn_dim,
+        "hidden_act": "silu",
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_seq_len,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if cfg.model_type == "llama":
+        d.update(attention_bias=False, mlp_bias=False)
+    else:
+        d.update(use_sliding_window=False)
+    return d
 
 
 def hf_name(key: str) -> str:
@@ -81,7 +191,7 @@ def model_from_tensors(cfg: ModelConfig, tensors: dict, files: dict, dtype, devi
 def load_hf_dir(path: Path, device, dtype):
     from safetensors import SafetensorError, safe_open
 
-    cfg = ModelConfig.from_hf(read_json(path / "config.json"), path / "config.json")
+    cfg = config_from_hf(read_json(path / "config.json"), path / "config.json")
     if not (path / "tokenizer.json").is_file():          # checked before the slow tensor reads
         raise CheckpointError(f"{path / 'tokenizer.json'}: no such file (a checkpoint directory "
                               "needs its tokenizer)")
@@ -234,7 +344,7 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer, path, extra: dict 
     sd = {hf_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()
           if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
     _write_synced(tmp / "model.safetensors", lambda f: f.write(save(sd, metadata={"format": "pt"})))
-    cfg = model.cfg.to_hf(model.dtype)
+    cfg = config_to_hf(model.cfg, model.dtype)
     _write_synced(tmp / "config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))
     _write_synced(tmp / "tokenizer.json", lambda f: f.write(tokenizer.to_json().encode()))
     for name, obj in (extra or {}).items():
@@ -248,3 +358,63 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer, path, extra: dict 
     shutil.rmtree(old, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# The protocol's markers in a pretrained vocabulary
+# ---------------------------------------------------------------------------------------------
+
+def add_markers(model, tokenizer) -> None:
+    """Give a tokenizer the AdaSR markers and grow the model's embedding to hold them.
+
+    A pretrained model's new marker rows start as its newline token plus a tenth of the
+    marker's name ("EOT" as its tokenizer spells it, less the mean row). A marker ends a
+    sentence, thought or answer, where the model already expects a line break, so it can write
+    `<EOT>` from the first SFT step; the names make the six rows differ, so that the model can
+    tell `<EOT>` from `<EOR>` (equal rows of a tied embedding get equal logits whatever the model
+    computes); a tenth keeps them close enough to a newline that the model still reads one
+    (the alternatives that failed: docs/smollm2.md). Rows this close apart are slow to separate
+    at a fine-tuning learning rate: ``boost_rows`` moves them further per optimizer step."""
+    tokenizer.add_special_tokens(MARKERS)
+    if tokenizer.vocab_size <= model.cfg.vocab_size:
+        return
+    newline = tokenizer.encode("\n")
+    if [tokenizer.token_id(m) for m in MARKERS] != list(range(model.cfg.vocab_size, tokenizer.vocab_size)):
+        raise CheckpointError(f"the model's vocabulary ({model.cfg.vocab_size} rows) does not "
+                              f"match its tokenizer's ({tokenizer.vocab_size} tokens with the "
+                              "markers): the checkpoint's tokenizer.json is not its model's")
+    if len(newline) != 1:
+        model.resize_vocab(tokenizer.vocab_size)
+        return
+    names = [tokenizer.encode(m.strip("<>")) for m in MARKERS]
+
+    def init(w):                                   # w: (vocab, dim) -> (6, dim)
+        rows = w[[newline[0]] * len(names)]
+        for row, name in zip(rows, names):
+            row += 0.1 * (w[name].mean(0) - w.mean(0))
+        return rows
+    model.resize_vocab(tokenizer.vocab_size, init=init)
+
+
+# Adam moves every weight by about lr per step, the right pace for a pretrained weight that only
+# needs nudging. A marker row added by ``add_markers`` starts as a newline and must travel to a
+# place of its own, and with tied embeddings the six rows can only be told apart at the output
+# once they have moved apart: they move 20x as far (docs/smollm2.md).
+MARKER_BOOST = 20.0
+
+
+def boost_rows(optimizer, model: Transformer, rows: list[int], factor: float = MARKER_BOOST) -> None:
+    """Make every ``optimizer`` step move the embedding rows ``rows`` (and an untied head's)
+    ``factor`` times as far as the optimizer moved them; every other weight moves as usual."""
+    rows = torch.tensor(rows, device=model.device)
+    weights = list({id(w): w for w in (model.embed_tokens.weight, model.lm_head.weight)}.values())
+    before = []
+
+    def pre(*_):
+        before[:] = [w.detach()[rows].clone() for w in weights]
+
+    @torch.no_grad()
+    def post(*_):
+        for w, b in zip(weights, before):
+            w[rows] = b + factor * (w[rows] - b)
+
+    optimizer.register_step_pre_hook(pre)
+    optimizer.register_step_post_hook(post)

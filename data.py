@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,6 +314,19 @@ def load_streamingthinker(path: str | Path, *, skip_bad: bool = False) -> list[P
 def load_problems(path: str | Path, *, skip_bad: bool = False) -> list[Problem]:
     """Problems from a StreamingThinker or GSM8K file, recognised by the first record's fields."""
     return _load(path, None, skip_bad)
+
+
+def warn_overlap(train: list[Problem], held_out: list[Problem]) -> None:
+    """Say how many held-out problems are also training problems, or repeat one another (the
+    synthetic splits are disjoint by construction; files need not be)."""
+    key = lambda p: (p.question, tuple(p.chunks))                      # noqa: E731
+    seen = {key(p) for p in train}
+    shared = sum(key(p) in seen for p in held_out)
+    repeated = len(held_out) - len({key(p) for p in held_out})
+    if shared or repeated:
+        print(f"warning: of {len(held_out)} held-out problems, {shared} are also training problems "
+              f"and {repeated} repeat another held-out one: the evaluation is not on unseen "
+              "problems alone", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """hrpo.py — Hierarchical Relative Policy Optimisation: advantages, the clipped loss, the updates.
 
-The whole algorithm, for a group of G rollouts of one problem (docs/method.md §4):
+For a group of G rollouts of one problem (docs/method.md §4):
 
     Â^g_i = (R_i   − mean R)   / (std R   + ε)      global reward, as in GRPO
     Â^s_i = (R^s_i − mean R^s) / (std R^s + ε)      streaming-phase reward
@@ -9,46 +9,20 @@ The whole algorithm, for a group of G rollouts of one problem (docs/method.md §
     A_{i,t} = λ·Â^d_i + (1−λ)·Â^g_i                 for policy tokens of the deep phase
     loss = −1/N Σ_{i,t} min(ρ_{i,t} A_{i,t}, clip(ρ_{i,t}, 1−ε_low, 1+ε_high) A_{i,t})
 
-with ρ = π_θ/π_old the token-level ratio under the sampling temperature (π_old: the policy that
-rolled out) and N the number of policy tokens of the optimiser step. λ = 0 is exactly GRPO: every
-token of a rollout gets its sequence-level advantage. With λ > 0 a rollout that thought wisely
-while reading but then botched the answer gets credit for its streaming tokens and blame for its
-deep tokens, instead of one verdict for both.
-
-One rollout batch → several optimiser steps (DAPO / verl's ``ppo_mini_batch_size``): the batch's
-groups are split into ``mini_batches`` mini-batches of whole groups, each one optimiser step, in
-order, for ``epochs`` passes, all with π_old = the rollout's log-probs and the advantages computed
-once. The first update has ρ = 1 exactly; from the second on the policy has moved and the clip
-acts. That is also where the sample efficiency comes from: a rollout is the expensive part.
-
-What this file owns: the advantages (``advantages``, ``group_signal``), turning episodes into
-padded tensors (``collate``), log-probabilities of policy tokens under the current model
-(``policy_logprobs``), the clipped loss (``clipped_loss``), the RL update of one rollout batch
-with its metrics (``rl_update``), and the SFT step (``sft_update``) that shares the same machinery.
+ρ = π_θ/π_old per token under the sampling temperature, N the policy tokens of the optimiser
+step. λ = 0 is exactly GRPO. One rollout batch gives ``mini_batches`` optimiser steps of whole
+groups (DAPO / verl's mini-batches), ``epochs`` times, all against the rollout's log-probs: the
+first has ρ = 1 exactly, the later ones are where the clip acts.
 
 Design decisions
-----------------
-* std is the population std of the group (G samples are the whole population we normalise).
-  A group whose rewards are all equal (std below ε) has exactly zero advantage; such a group
-  carries no signal, and train.py's dynamic sampling (DAPO) replaces it by a fresh one before
-  the update (``group_signal`` tells which).
-* The token mean is per optimiser step: each mini-batch's loss is its token sum divided by the
-  number of policy tokens *of that mini-batch* (over all data-parallel ranks), counted before it
-  is split into micro-batches. So every update has the same scale whatever M is, a long rollout
-  weighs each of its tokens like a short one (DAPO's token-level mean), and gradient accumulation
-  over micro-batches gives exactly the mini-batch's gradient, whatever the micro-batch size.
-* Memory: the vocabulary projection is the big tensor ((tokens × vocab) floats, 49k wide for
-  SmolLM2). Log-probs are computed only at policy positions, and when those positions' logits
-  would be large they are computed in chunks, each under activation checkpointing, so that the
-  (tokens × vocab) matrix is never stored for the backward pass. A small vocabulary (the tiny
-  model's 384) takes one plain pass: recomputing it would only cost time.
-* Optional k3 KL to a frozen reference model (``kl_beta``; 0 by default, and then no reference
-  model exists at all). Not to be confused with the logged ``kl_rollout``, the k3 estimate of
-  KL(π_old ‖ π_θ) — how far the updates moved the policy from the one that rolled out.
-* [ours] λ = 0.25 by default: the phase rewards differ from the global one only in which costs
-  they count, and group normalisation makes a one-token difference in streaming length a
-  full-size advantage; a quarter of local signal teaches skipping without letting length
-  differences outvote the answer (docs/results.md).
+* The token mean is per optimiser step (DAPO): N is counted on the whole mini-batch before it is
+  split into micro-batches, so accumulation gives exactly the mini-batch's gradient.
+* A group whose rewards are equal (std ≤ ε) gets exactly zero advantage: no signal, and dynamic
+  sampling (train.py) replaces it; ε also keeps rounding noise from becoming a full advantage.
+* An optional k3 KL to a frozen reference (``kl_beta``, 0 by default) is a loss term; the logged
+  ``kl_rollout`` only measures how far the updates moved from the policy that rolled out.
+* [ours] λ = 0.25 by default: a quarter of phase-local signal teaches skipping without letting
+  group-normalised length differences outvote the answer (docs/results.md).
 """
 from __future__ import annotations
 
@@ -58,14 +32,13 @@ import torch
 
 from adasr import DEEP, Episode
 from model import token_logprobs
-from parallel import global_sum, sync_gradients
+from parallel import sync_gradients
 from rewards import Rewards
 
 
 @dataclass(frozen=True)
 class HRPOConfig:
-    """Knobs of the HRPO update; the defaults are every program's defaults. ``lam`` = 0 is GRPO.
-    ``mini_batches`` optimiser steps per rollout batch, ``epochs`` passes over them."""
+    """Knobs of the HRPO update; the defaults are every program's. ``lam`` = 0 is GRPO."""
     lam: float = 0.25
     eps_low: float = 0.2
     eps_high: float = 0.28
@@ -81,13 +54,8 @@ class HRPOConfig:
 # ---------------------------------------------------------------------------------------------
 
 def group_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """(B, G) rewards → (B, G) advantages, normalised within each group (row).
-
-    A group whose std is below ``eps`` gets exactly zero: its rewards are equal up to rounding
-    (0.2 + 0.2 + 0.2 is not 3 × 0.2 in floating point), and dividing that rounding noise by a tiny
-    std would turn it into a full-size advantage."""
-    if x.numel() == 0:                  # no group at all (a rank with nothing to train on)
-        return x
+    """(B, G) rewards → (B, G) advantages, normalised within each group (row). Below ``eps`` the
+    std is rounding noise (0.2 + 0.2 + 0.2 is not 3 × 0.2): the group gets exactly zero."""
     std = x.std(1, unbiased=False, keepdim=True)
     return torch.where(std > eps, (x - x.mean(1, keepdim=True)) / (std + eps), 0.0)
 
@@ -110,9 +78,10 @@ def advantages(rewards: list[Rewards], group_size: int, lam: float, eps: float =
     return a_stream.flatten().float(), a_deep.flatten().float()
 
 
-def group_signal(a_stream: torch.Tensor, a_deep: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(B*G,) advantages → (B,) bool: does the group carry any signal (a non-zero advantage)?"""
-    return ((a_stream != 0) | (a_deep != 0)).view(-1, group_size).any(1)
+def group_signal(rewards: list[Rewards], group_size: int, lam: float) -> list[bool]:
+    """B*G grouped rewards → for each group, does it carry any signal (a non-zero advantage)?"""
+    a_stream, a_deep = advantages(rewards, group_size, lam)
+    return ((a_stream != 0) | (a_deep != 0)).view(-1, group_size).any(1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +115,7 @@ def collate(episodes: list[Episode], device, a_stream: torch.Tensor | None = Non
 
     Without advantages (SFT) ``adv`` is zero.
     """
-    N, T = len(episodes), max(len(ep.tokens) for ep in episodes)
+    N, T = len(episodes), max((len(ep.tokens) for ep in episodes), default=0)
     ids = torch.zeros(N, T, dtype=torch.long)
     is_policy = torch.zeros(N, T, dtype=torch.bool)
     old_logp = torch.zeros(N, T)
@@ -221,20 +190,18 @@ def _at_policy(batch: Batch, x: torch.Tensor) -> torch.Tensor:
     return x[:, 1:][batch.is_policy[:, 1:]]
 
 
-def _step(model, optimizer, batch: Batch | None, micro_batch: int, n_tokens: int,
-          temperature: float, loss_of, max_grad_norm: float, with_entropy: bool) -> dict:
-    """Accumulate gradients over micro-batches of rows, sync ranks, clip, take one optimiser step.
+def _step(model, optimizer, batch: Batch, micro_batch: int, n_tokens: int, temperature: float,
+          loss_of, max_grad_norm: float, with_entropy: bool) -> dict:
+    """One optimiser step: gradients accumulated over micro-batches of ``batch``'s rows, clipped.
 
-    ``loss_of(mb, logp) -> (loss, stats)`` returns the micro-batch's loss already divided by
-    ``n_tokens`` (the step's token count over all ranks) and stats as sums; sums add up here.
-    ``batch`` None: this rank holds nothing of this step but joins the gradient sum.
-    """
+    ``loss_of(mb, logp) -> (loss, stats)`` gives a micro-batch's loss already divided by
+    ``n_tokens`` (the step's policy tokens) and its stats as sums, which add up here."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, float] = {"loss": 0.0}
     # Micro-batches of episodes of similar length (sorted), each cut to its longest episode: the
     # attention, which alone works on the padded layout, then wastes little.
-    order = batch.lengths.argsort() if batch else []
+    order = batch.lengths.argsort()
     for start in range(0, len(order), micro_batch):
         mb = batch.rows(order[start:start + micro_batch])
         if mb.n_tokens == 0:
@@ -247,7 +214,7 @@ def _step(model, optimizer, batch: Batch | None, micro_batch: int, n_tokens: int
             stats["entropy"] = entropy.sum().item()
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v
-    sync_gradients(model)
+    sync_gradients(model)              # data parallel: add up the ranks' gradients (else nothing)
     totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
     optimizer.step()
     return totals
@@ -266,33 +233,29 @@ def split_groups(n_groups: int, parts: int) -> list[range]:
 STATS = ("loss", "entropy", "clip_low", "clip_high", "ratio_dev", "kl_rollout")
 
 
-def rl_update(model, optimizer, episodes: list[Episode],
-              advantage: tuple[torch.Tensor, torch.Tensor], group_size: int, cfg: HRPOConfig,
-              micro_batch: int, ref_model=None, max_grad_norm: float = 1.0) -> dict:
-    """The HRPO update of one rollout batch: this rank's grouped rollouts ``episodes`` (B*G) and
-    their ``advantages`` (A_stream, A_deep, each (B*G,)). ``cfg.epochs`` passes over
-    ``cfg.mini_batches`` mini-batches of whole groups, one optimiser step each, all with π_old =
-    the rollout's log-probs. Returns the update's metrics (``loss``, ``grad_norm``: means over
-    updates; ``entropy``, clip fractions, mean |ρ − 1| and ``kl_rollout``: means over all policy
-    tokens of all updates; ``updates``: optimiser steps taken).
+def rl_update(model, optimizer, episodes: list[Episode], rewards: list[Rewards], group_size: int,
+              cfg: HRPOConfig, *, micro_batch: int, ref_model=None, max_grad_norm: float = 1.0,
+              mine=lambda rows: rows) -> dict:
+    """The HRPO update of one rollout batch: grouped ``episodes`` (B*G) and their ``rewards``.
 
-    Every group given is trained on: choosing the groups with signal is dynamic sampling's job
-    (train.py), since a group without signal only dilutes the token mean. A mini-batch that
-    holds no policy token on any rank is skipped on every rank.
+    The advantages are computed here, once; then ``cfg.epochs`` passes over ``cfg.mini_batches``
+    mini-batches of whole groups, one optimiser step each, all against π_old = the rollout's
+    log-probs. Every group given is trained on (choosing groups with signal is dynamic
+    sampling's job). ``mine(rows)`` is the part of a mini-batch this process computes (data
+    parallel: its share; all of it in one process). Returns sums over those tokens of ``STATS``
+    (``means`` turns them into the logged metrics) and over updates of ``grad_norm``.
     """
+    a_stream, a_deep = advantages(rewards, group_size, cfg.lam, cfg.std_eps)
     device = next(model.parameters()).device
-    a_stream, a_deep = advantage
-    n_groups = len(episodes) // group_size
-    totals: dict[str, float] = {}
-    n_all, updates = 0.0, 0
+    sums = {"updates": 0, "policy_tokens": 0, "grad_norm": 0.0, **{k: 0.0 for k in STATS}}
     for _ in range(cfg.epochs):
-        for part in split_groups(n_groups, cfg.mini_batches):
+        for part in split_groups(len(episodes) // group_size, cfg.mini_batches):
             rows = [g * group_size + i for g in part for i in range(group_size)]
-            n_tokens = int(global_sum(float(sum(sum(episodes[r].is_policy) for r in rows)), device))
+            n_tokens = sum(sum(episodes[r].is_policy) for r in rows)   # N, all of the mini-batch's
             if n_tokens == 0:
                 continue
-            batch = collate([episodes[r] for r in rows], device, a_stream[rows], a_deep[rows]) \
-                if rows else None
+            rows = mine(rows)
+            batch = collate([episodes[r] for r in rows], device, a_stream[rows], a_deep[rows])
 
             def loss_of(mb, logp):
                 ref_logp = None
@@ -304,25 +267,29 @@ def rl_update(model, optimizer, episodes: list[Episode],
 
             step = _step(model, optimizer, batch, micro_batch, n_tokens, cfg.temperature, loss_of,
                          max_grad_norm, with_entropy=True)
-            updates += 1
-            n_all += n_tokens
-            # The same sums on every rank, in the same order (a rank without data has zeros).
-            for k in STATS:
-                totals[k] = totals.get(k, 0.0) + global_sum(step.get(k, 0.0), device)
-            totals["grad_norm"] = totals.get("grad_norm", 0.0) + step["grad_norm"]   # global already
-    metrics = {"updates": float(updates)}
-    for k, v in totals.items():            # loss, grad_norm: per update; the rest: per token
-        metrics[k] = v / (updates if k in ("loss", "grad_norm") else n_all)
-    return metrics
+            sums["updates"] += 1
+            sums["policy_tokens"] += n_tokens
+            for k in ("grad_norm", *STATS):
+                sums[k] += step.get(k, 0.0)
+    return sums
+
+
+def means(sums: dict) -> dict:
+    """``rl_update``'s sums (over every process, when data parallel) → the logged metrics:
+    ``loss`` and ``grad_norm`` per update, the others per policy token, ``updates`` as is."""
+    n, u = max(sums["policy_tokens"], 1), max(sums["updates"], 1)
+    return {"updates": float(sums["updates"]), "loss": sums["loss"] / u,
+            "grad_norm": sums["grad_norm"] / u, **{k: sums[k] / n for k in STATS if k != "loss"}}
 
 
 def sft_update(model, optimizer, episodes: list[Episode], micro_batch: int,
-             max_grad_norm: float = 1.0) -> dict:
+               max_grad_norm: float = 1.0, mine=lambda rows: rows) -> dict:
     """One supervised step: next-token cross-entropy on the policy tokens of gold episodes
-    (observations are context, never targets), averaged over all policy tokens of the step."""
-    device = next(model.parameters()).device
-    batch = collate(episodes, device)
-    n_tokens = int(global_sum(float(batch.n_tokens), device))
+    (observations are context, never targets), averaged over all policy tokens of the step.
+    ``mine`` as in ``rl_update``; the loss returned is this process's part of the mean."""
+    n_tokens = sum(sum(ep.is_policy) for ep in episodes)
+    batch = collate([episodes[r] for r in mine(list(range(len(episodes))))],
+                    next(model.parameters()).device)
     m = _step(model, optimizer, batch, micro_batch, n_tokens, 1.0,
               lambda mb, logp: (-logp.sum() / n_tokens, {}), max_grad_norm, with_entropy=False)
-    return {"loss": global_sum(m["loss"], device), "grad_norm": m["grad_norm"]}
+    return {"loss": m["loss"], "grad_norm": m["grad_norm"]}

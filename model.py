@@ -32,20 +32,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cli import CheckpointError
 from kvcache import KVCache, Ragged, shared_prefix
 
 
 # -----------------------------------------------------------------------------
 # config
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-
-
 @dataclass
 class ModelConfig:
-    """The hyper-parameters of one decoder, in our names; ``from_hf``/``to_hf`` translate a
-    Hugging Face config.json, rejecting what the architecture does not implement."""
+    """The hyper-parameters of one decoder, in our names (checkpoint.py translates a Hugging
+    Face config.json to and from it)."""
     vocab_size: int
     dim: int
     n_layers: int
@@ -68,108 +64,6 @@ class ModelConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
-
-    @classmethod
-    def from_hf(cls, d: dict, path) -> "ModelConfig":
-        """Parse a HF config.json dict; `path` is only used to name the file in errors."""
-
-        def reject(field, value, why):
-            raise CheckpointError(f"{path}: field '{field}' = {value!r} is not supported ({why})")
-
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
-
-        def get(key, default=..., kind=None):
-            """Field ``key``; with ``kind`` int (a positive count) or float it must be one."""
-            if key not in d or d[key] is None:
-                if default is ...:
-                    raise CheckpointError(f"{path}: required field '{key}' is missing")
-                return default
-            value = d[key]
-            if kind is int and (type(value) is not int or value < 1):
-                reject(key, value, "a positive integer")
-            if kind is float and (type(value) not in (int, float) or not math.isfinite(value) or value <= 0):
-                reject(key, value, "a positive number")
-            return value
-
-        model_type = get("model_type")
-        if model_type not in ARCHITECTURES:
-            reject("model_type", model_type, f"supported: {', '.join(ARCHITECTURES)}")
-        if get("hidden_act", "silu") != "silu":
-            reject("hidden_act", d["hidden_act"], "only silu (SwiGLU) is implemented")
-        # rope: transformers<5 writes rope_theta (+ rope_scaling), transformers>=5 rope_parameters
-        rope_theta = get("rope_theta", 10000.0, float)
-        for field in ("rope_scaling", "rope_parameters"):
-            rope = d.get(field)
-            if rope is None:
-                continue
-            if not isinstance(rope, dict):
-                reject(field, rope, "a JSON object with rope_type")
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type != "default":
-                reject(field, rope, "only plain RoPE is implemented")
-            rope_theta = rope.get("rope_theta", rope_theta)
-            if type(rope_theta) not in (int, float) or rope_theta <= 0:
-                reject(field, rope, "rope_theta must be a positive number")
-        if model_type == "llama" or model_type == "qwen3":
-            for field in ("attention_bias", "mlp_bias"):
-                if d.get(field):
-                    reject(field, d[field], f"{model_type} without biases only")
-        if model_type in ("qwen2", "qwen3"):
-            if d.get("use_sliding_window"):
-                reject("use_sliding_window", d["use_sliding_window"], "sliding-window attention is not implemented")
-            layer_types = set(d.get("layer_types") or ["full_attention"])
-            if layer_types != {"full_attention"}:
-                reject("layer_types", sorted(layer_types), "only full_attention is implemented")
-        dim, n_heads = get("hidden_size", kind=int), get("num_attention_heads", kind=int)
-        try:
-            return cls(
-                vocab_size=get("vocab_size", kind=int),
-                dim=dim,
-                n_layers=get("num_hidden_layers", kind=int),
-                n_heads=n_heads,
-                n_kv_heads=get("num_key_value_heads", n_heads, int),
-                head_dim=get("head_dim", dim // n_heads, int),
-                ffn_dim=get("intermediate_size", kind=int),
-                rope_theta=float(rope_theta),
-                norm_eps=float(get("rms_norm_eps", 1e-6, float)),
-                tie_embeddings=get("tie_word_embeddings", False),
-                qkv_bias=model_type == "qwen2",
-                qk_norm=model_type == "qwen3",
-                max_seq_len=get("max_position_embeddings", 2048, int),
-                model_type=model_type,
-                bos_token_id=d.get("bos_token_id"),
-                eos_token_id=d.get("eos_token_id"),
-            )
-        except (ValueError, TypeError, ZeroDivisionError) as e:  # e.g. heads that do not divide
-            raise CheckpointError(f"{path}: {e}") from None
-
-    def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
-        """The config.json dict that `transformers` (4.x and 5.x) and `from_hf` both read."""
-        d = {
-            "architectures": [ARCHITECTURES[self.model_type]],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.ffn_dim,
-            "hidden_act": "silu",
-            "rope_theta": self.rope_theta,
-            "rms_norm_eps": self.norm_eps,
-            "tie_word_embeddings": self.tie_embeddings,
-            "max_position_embeddings": self.max_seq_len,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "torch_dtype": str(dtype).removeprefix("torch."),
-        }
-        if self.model_type == "llama":
-            d.update(attention_bias=False, mlp_bias=False)
-        else:
-            d.update(use_sliding_window=False)
-        return d
 
 
 def tiny_config(vocab_size: int, dim: int = 128, n_layers: int = 4) -> ModelConfig:

@@ -1,14 +1,15 @@
 """parallel.py — data parallelism across processes (torchrun), and nothing else.
 
-Each rank rolls out and trains on its contiguous share of a step's problems; the loss of every
-rank is divided by the policy-token count of the whole step (``global_sum``), and gradients are
-summed (``sync_gradients``), so that the update is exactly the single-process one. Without
-torchrun every function here is the identity of one process.
+Every rank rolls out its share of a round's problems and all ranks then hold every episode
+(``Dist.gather``), so dynamic sampling, the advantages and the logged metrics are the same on
+every rank and the same as in one process. In the update each rank computes its share of each
+mini-batch's rows (``Dist.share``); the loss is divided by the whole mini-batch's token count
+and the gradients are summed (``sync_gradients``), which is exactly the single-process step.
+Without torchrun every method here is the identity of one process.
 
 Design decisions
-* A plain all-reduce of gradients instead of DistributedDataParallel: ranks may run different
-  numbers of micro-batches, or none when they hold no group of a mini-batch, which DDP's
-  per-backward hooks forbid.
+* A plain all-reduce of gradients instead of DistributedDataParallel: a rank may hold fewer or
+  no rows of a mini-batch, and DDP's per-backward hooks need every rank to run the same backward.
 * Ranks must agree on when to stop (``Dist.any``): Ctrl-C reaches them at different moments, and
   one rank leaving early would hang the next collective.
 """
@@ -20,14 +21,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from cli import UserError
-
 
 @dataclass
 class Dist:
     """Where this process stands in data-parallel training (rank 0 of 1 without torchrun)."""
     rank: int = 0
     world: int = 1
+    device: str = "cpu"
 
     @property
     def main(self) -> bool:
@@ -35,62 +35,55 @@ class Dist:
 
     def barrier(self) -> None:
         """Wait for every rank (after rank 0 wrote files the others will read)."""
-        if dist.is_initialized():
+        if self.world > 1:
             dist.barrier()
 
-    def any(self, flag: bool, device) -> bool:
-        """True on every rank if ``flag`` is True on any (Ctrl-C reaches ranks at different
-        moments; they must stop after the same step or the next collective would hang)."""
-        if not dist.is_initialized():
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any."""
+        if self.world == 1:
             return flag
-        t = torch.tensor([float(flag)], device=device)
+        t = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t)
 
-    def gather(self, x: int, device) -> list[int]:
-        """``x`` of every rank, in rank order."""
-        if not dist.is_initialized():
-            return [x]
-        t = torch.zeros(self.world, dtype=torch.long, device=device)
-        t[self.rank] = x
-        dist.all_reduce(t)
-        return t.tolist()
-
     def share(self, items: list) -> list:
-        """This rank's contiguous share of a step's items (equal shares; world must divide)."""
-        n = len(items) // self.world
-        return items[self.rank * n:(self.rank + 1) * n]
+        """This rank's contiguous share of ``items``, near-equal (the first ranks one longer)."""
+        n, extra = divmod(len(items), self.world)
+        start = self.rank * n + min(self.rank, extra)
+        return items[start:start + n + (self.rank < extra)]
+
+    def gather(self, items: list) -> list:
+        """Every rank's ``items`` (its ``share`` of a list), concatenated in rank order."""
+        if self.world == 1:
+            return items
+        parts = [None] * self.world
+        dist.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+
+    def sum(self, values: dict) -> dict:
+        """``values`` (numbers) summed over the ranks."""
+        if self.world == 1:
+            return values
+        t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(values, t.tolist()))
 
 
 def setup_distributed(args) -> Dist:
     """Join the process group when started by torchrun (gloo on CPU, nccl on CUDA)."""
     if "RANK" not in os.environ:
-        return Dist()
+        return Dist(device=args.device)
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     dist.init_process_group(backend)
-    d = Dist(dist.get_rank(), dist.get_world_size())
     if args.device.startswith("cuda"):
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(args.device)
-    for option in ("rl_batch", "sft_batch"):
-        if getattr(args, option) % d.world:
-            raise UserError(f"option --{option.replace('_', '-')} = {getattr(args, option)} must "
-                            f"be divisible by the {d.world} ranks")
-    return d
-
-
-def global_sum(x: float, device) -> float:
-    """Sum of ``x`` over all data-parallel ranks (``x`` itself in a single process)."""
-    if not dist.is_initialized():
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t)
+    return Dist(dist.get_rank(), dist.get_world_size(), args.device)
 
 
 def sync_gradients(model) -> None:
-    """Sum gradients over ranks. Each rank's loss is already divided by the *global* token count,
-    so the sum is exactly the single-process gradient of the whole step."""
+    """Sum gradients over ranks. Each rank's loss is already divided by the whole step's token
+    count, so the sum is exactly the single-process gradient. Nothing in one process."""
     if not dist.is_initialized():
         return
     for p in model.parameters():

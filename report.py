@@ -19,9 +19,11 @@ Design decisions
 from __future__ import annotations
 
 import math
-import textwrap
 import resource
+import sys
+import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +31,7 @@ import torch
 from adasr import STREAM, Protocol
 from rewards import RewardConfig, score, summarize
 from rollout import rollout
-from rundir import read_json_lines
+from rundir import read_json_lines, write_json
 
 @torch.no_grad()
 def evaluate(model, protocol: Protocol, problems, layout: str, rcfg: RewardConfig,
@@ -43,22 +45,53 @@ def evaluate(model, protocol: Protocol, problems, layout: str, rcfg: RewardConfi
     return summarize(episodes, [score(ep, rcfg) for ep in episodes]), episodes
 
 
-COLUMNS = [("accuracy", "acc", "{:.3f}"), ("format_rate", "format", "{:.3f}"),
-           ("stream_tokens", "S.Len", "{:.1f}"), ("deep_tokens", "D.Len", "{:.1f}"),
-           ("total_tokens", "T.Len", "{:.1f}"), ("residual_tokens", "resid.tok", "{:.1f}"),
-           ("residual_latency_s", "resid.s", "{:.2f}"), ("skip_rate_irrelevant", "skip(irr)", "{:.2f}"),
-           ("skip_rate_relevant", "skip(rel)", "{:.2f}"), ("state_accuracy", "state", "{:.2f}"),
-           ("speedup_vs_rtt", "vs RTT", "{:.2f}")]
-# The curves whose learning speed is measured, and which way is better (+1: higher), so that a
-# paired comparison can count wins. Residual tokens are mostly the deep phase; the skip rate and
+@dataclass(frozen=True)
+class Metric:
+    """How a person sees one metric of ``rewards.summarize``: its short header and format, which
+    way is better when it is a learning curve (+1 higher, -1 lower, 0 not one), and whether it is
+    a column of the evaluation table."""
+    header: str
+    fmt: str
+    better: int = 0
+    column: bool = True
+
+
+# Every metric shown, declared once. Residual tokens are mostly the deep phase; the skip rates and
 # the streaming tokens are the streaming phase, whose advantage HRPO separates.
-SPEED_METRICS = {"reward": 1, "accuracy": 1, "residual_tokens": -1, "skip_rate_irrelevant": 1,
-                 "skip_rate_relevant": -1, "state_accuracy": 1, "stream_tokens": -1, "deep_tokens": -1}
-SHORT = {"reward": "reward", "accuracy": "acc", "residual_tokens": "resid", "stream_tokens": "S.Len",
-         "deep_tokens": "D.Len", "skip_rate_irrelevant": "skip(irr)", "skip_rate_relevant": "skip(rel)",
-         "state_accuracy": "state"}
-AREA = [(f"auc_{k}", SHORT[k], "{:.3f}") for k in SPEED_METRICS]
-HALFWAY = [(f"half_{k}", SHORT[k], "{:.1f}") for k in SPEED_METRICS]
+METRICS = {
+    "accuracy": Metric("acc", "{:.3f}", +1),
+    "format_rate": Metric("format", "{:.3f}"),
+    "stream_tokens": Metric("S.Len", "{:.1f}", -1),
+    "deep_tokens": Metric("D.Len", "{:.1f}", -1),
+    "total_tokens": Metric("T.Len", "{:.1f}"),
+    "residual_tokens": Metric("resid.tok", "{:.1f}", -1),
+    "residual_latency_s": Metric("resid.s", "{:.2f}"),
+    "skip_rate_irrelevant": Metric("skip(irr)", "{:.2f}", +1),
+    "skip_rate_relevant": Metric("skip(rel)", "{:.2f}", -1),
+    "state_accuracy": Metric("state", "{:.2f}", +1),
+    "speedup_vs_rtt": Metric("vs RTT", "{:.2f}"),
+    "reward": Metric("reward", "{:+.3f}", +1, column=False),
+}
+COLUMNS = [(k, m.header, m.fmt) for k, m in METRICS.items() if m.column]
+SPEED_METRICS = {k: m.better for k, m in METRICS.items() if m.better}   # the learning curves
+AREA = [(f"auc_{k}", METRICS[k].header, "{:.3f}") for k in SPEED_METRICS]
+HALFWAY = [(f"half_{k}", METRICS[k].header, "{:.1f}") for k in SPEED_METRICS]
+
+
+def progress_line(name: str, step: int, steps: int, m: dict, eta: float) -> str:
+    """One line of progress: step, the step's key numbers, throughput and time left."""
+    def num(key, fmt):
+        return "—" if math.isnan(m[key]) else fmt.format(m[key])   # e.g. no irrelevant chunk known
+    if "sft_loss" in m:
+        body = f"loss {m['sft_loss']:.3f}"
+    else:
+        body = (f"reward {m['reward']:+.3f}  acc {m['accuracy']:.2f}  fmt {m['format_rate']:.2f}  "
+                f"resid {m['residual_tokens']:5.1f} tok / {m['residual_latency_s']:4.1f}s  "
+                f"skip(irr) {num('skip_rate_irrelevant', '{:.2f}')}  S/D {m['stream_tokens']:.0f}/"
+                f"{m['deep_tokens']:.0f}  groups {m['groups_kept']}/{m['groups_generated']}  "
+                f"clip {m.get('clip_low', 0):.3f}/{m.get('clip_high', 0):.3f}")
+    return (f"[{name}] step {step:4d}/{steps}  {body}  {m['tokens_per_s']:6.0f} tok/s  "
+            f"ETA {eta / 60:4.1f} min")
 
 
 def format_table(methods: dict[str, dict], sd: dict[str, dict] | None = None,
@@ -182,6 +215,73 @@ def report(out: Path, summary: dict) -> None:
         print(f"{name} vs grpo, seeds won/tied/lost: " + ", ".join(
             f"{k} {v['wins']}/{v['ties']}/{v['losses']}" for k, v in w.items()))
     plot_compare(out, summary["seeds"])
+
+
+def stage_seconds(records: list[dict]) -> dict[str, float]:
+    """Time per training stage from the run's exact history (metrics.jsonl), so that a resumed
+    run reports the time of every process that trained it, not only its own."""
+    keys = {"sft": "sft_s", "rollout": "rollout_s", "update": "update_s"}
+    return {stage: sum(r.get(key, 0.0) for r in records) for stage, key in keys.items()}
+
+
+def evaluate_run(run, models: dict) -> dict:
+    """Evaluate each (name → (model, layout)) of ``run`` (a train.Run) on its held-out problems;
+    write eval.json, traces.md and timeline.png; print the table, the learning speed of the RL
+    jobs and the time per stage with this machine's matmul speed to scale it by."""
+    args, out = run.args, run.out
+    methods, first = {}, {}
+    t = time.time()
+    for name, (model, layout) in models.items():
+        with run.autocast():
+            methods[name], episodes = evaluate(model, run.protocol, run.held_out, layout, run.rewards)
+        first[name] = episodes[0]
+        print(f"[eval] {name}: acc {methods[name]['accuracy']:.3f}, residual "
+              f"{methods[name]['residual_tokens']:.1f} tokens", flush=True)
+    records = run.dir.records()
+    seconds = {**stage_seconds(records), "eval": time.time() - t}
+    for name in methods:
+        rl = [r for r in records if r["job"] == name and r["stage"] == "rl"]
+        if rl:
+            methods[name].update(learning_speed(rl))
+    speedups(methods)
+    result = {"seed": run.seed, "methods": methods, "wpm": args.wpm, "decode_tps": args.decode_tps,
+              "n_held_out": len(run.held_out),
+              "time_s": {k: round(v, 1) for k, v in seconds.items()},
+              "peak_memory_gib": round(peak_memory_gib(args.device), 2)}
+    write_json(out / "eval.json", result)
+    traces = [f"## {name}\n\n```\n{run.protocol.render(ep)}\n```\n" for name, ep in first.items()]
+    (out / "traces.md").write_text("# One held-out problem per method\n\n" + "\n".join(traces))
+    plot_timeline(out / "timeline.png", first)
+    print_tables(methods)
+    if "sft" in methods and "hrpo" in methods and methods["sft"]["residual_tokens"] > 0:
+        s, h = methods["sft"], methods["hrpo"]
+        cut = 1 - h["residual_tokens"] / s["residual_tokens"]
+        print(f"HRPO vs SFT: accuracy {h['accuracy'] - s['accuracy']:+.3f}, residual tokens "
+              f"{-cut:+.0%}, skip rate on irrelevant chunks {_show(s['skip_rate_irrelevant'])} → "
+              f"{_show(h['skip_rate_irrelevant'])}")
+    machine = "" if torch.device(args.device).type != "cpu" else (
+        f"; this machine's matmul: {matmul_gflops():.0f} GFLOP/s fp32, "
+        f"{matmul_gflops(dtype=torch.bfloat16):.0f} bf16 at {torch.get_num_threads()} threads")
+    print("time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
+          + f"; this process {(time.time() - run.t0) / 60:.1f} min; peak memory "
+          f"{result['peak_memory_gib']:.2f} GiB" + machine, flush=True)
+    return result
+
+
+def _show(x: float) -> str:
+    return "—" if math.isnan(x) else f"{x:.2f}"
+
+
+def warn_slow_bf16(args) -> None:
+    """--bf16 on a CPU without bf16 matrix units runs every matmul through a slow path: say so
+    at the start, with both rates, rather than let a run take many times longer unexplained."""
+    if not args.bf16 or torch.device(args.device).type != "cpu":
+        return
+    bf16, fp32 = (matmul_gflops(0.05, dtype=dt, n=256) for dt in (torch.bfloat16, torch.float32))
+    if bf16 < fp32:
+        print(f"warning: --bf16 on a CPU without bf16 matrix units: a bf16 matmul runs at "
+              f"{bf16:.1f} GFLOP/s here against {fp32:.0f} in fp32, so this run is slower than "
+              "it would be without --bf16", file=sys.stderr)
 
 
 def _pyplot():

@@ -39,8 +39,8 @@ from typing import Callable
 
 import torch
 
-from adasr import BUDGET, DEEP, LAYOUTS, STREAM, Episode, Problem, Protocol, add_markers
-from checkpoint import load_pretrained
+from adasr import BUDGET, DEEP, LAYOUTS, STREAM, Episode, Problem, Protocol
+from checkpoint import add_markers, load_pretrained
 from cli import ArgumentParser, UserError, check_device, check_options, run_cli
 from data import load_problems, marker_in, split_question
 from model import sample
@@ -70,13 +70,14 @@ def _forward(model, feeds: list[list[int]], cache) -> torch.Tensor:
 @torch.no_grad()
 def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: int = 1,
             layout: str = "stream", budget: int, temperature: float, seed: int | str = 0,
-            on_token: Callable[[Episode], None] | None = None) -> list[Episode]:
+            first: int = 0, on_token: Callable[[Episode], None] | None = None) -> list[Episode]:
     """Roll out ``group_size`` samples of each problem; returns B*G finished episodes.
 
     Episodes come grouped: rows b*G … b*G+G-1 are the samples of ``problems[b]``. ``budget`` caps
     the policy tokens of each row. ``temperature=0`` is greedy. Sample g of problem b draws its
-    random numbers from its own stream, seeded by (``seed``, b, g): its tokens do not depend on
-    which other rows share the batch. ``on_token(episode)`` is called whenever a row's episode
+    random numbers from its own stream, seeded by (``seed``, ``first`` + b, g): its tokens do not
+    depend on which other rows share the batch (``first``: where ``problems`` start in a longer
+    list, so that a share of it samples as the whole would). ``on_token(episode)`` is called whenever a row's episode
     grows after its prompt (``LiveView`` prints the stream).
     """
     device = next(model.parameters()).device
@@ -91,7 +92,7 @@ def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: i
     cache.select(group)
     logits = logits[group]
     rows = [_Row(protocol.episode(problems[b], layout), blocks[b],
-                       random.Random(f"{seed}/{b}/{g}")) for b in range(B) for g in range(G)]
+                       random.Random(f"{seed}/{first + b}/{g}")) for b in range(B) for g in range(G)]
 
     active = list(rows)                 # the row state of each row of the cache, in cache order
     while active:

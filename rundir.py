@@ -31,8 +31,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
+import torch
+
+from checkpoint import recover_checkpoint, save_checkpoint
 from cli import UserError
 
 # Options a resumed run may change: they change how fast or how visibly a run goes, not what it
@@ -121,6 +125,13 @@ class RunDir:
         if self.main and lock.exists() and lock.read_text() == str(os.getpid()):
             lock.unlink()
 
+    def open(self, config: dict, writes: list[str], resume: bool, overwrite: bool) -> None:
+        """Take the directory, make room for a fresh run (unless resumed), record its options."""
+        self.lock()                                   # before the run writes anything
+        if not resume:
+            self.start_fresh(writes, overwrite)
+        write_json(self.path / "config.json", config)
+
     # -- what made it ------------------------------------------------------------------------
     def holds_run(self) -> bool:
         return (self.path / "config.json").exists()
@@ -169,6 +180,48 @@ class RunDir:
         tmp = self.metrics.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, self.metrics)
+
+
+# -- the job in progress: its checkpoint ----------------------------------------------------
+def save_state(path: Path, job: str, step: int, model, tokenizer, optimizer) -> None:
+    """Atomic checkpoint of the job in progress: model files + trainer.pt, in one rename."""
+    save_checkpoint(model, tokenizer, path / "checkpoint",
+                    extra={"trainer.pt": {"job": job, "step": step,
+                                          "optimizer": optimizer.state_dict()}})
+
+
+def trainer_state(path: Path, job: str, device) -> dict | None:
+    """The trainer state (job, step, optimizer) of ``job`` in ``path``/checkpoint, if it is there."""
+    recover_checkpoint(path / "checkpoint")            # a save that a crash interrupted
+    state_file = path / "checkpoint" / "trainer.pt"
+    if not state_file.exists():
+        return None
+    try:
+        state = torch.load(state_file, map_location=device, weights_only=False)
+    except Exception as e:   # a truncated or foreign file: torch raises several kinds
+        raise UserError(f"{state_file}: cannot read the trainer state ({type(e).__name__}); "
+                        "start afresh with --overwrite") from None
+    if not isinstance(state, dict) or not {"job", "step", "optimizer"} <= set(state):
+        raise UserError(f"{state_file}: not a trainer state of this program")
+    return state if state["job"] == job else None
+
+
+class StopFlag:
+    """Ctrl-C or SIGTERM asks the run to stop after the current step (it then saves a
+    checkpoint); a second Ctrl-C leaves at once."""
+
+    def __init__(self, verbose: bool):
+        self.requested, self.verbose = False, verbose
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.verbose:
+            print("\nstopping: finishing this step, saving a checkpoint, then exiting "
+                  "(Ctrl-C again to quit without saving)", flush=True)
 
 
 def _show(value) -> str:

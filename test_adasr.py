@@ -21,9 +21,9 @@ import torch
 import checkpoint as C
 import data as D
 import gsm8k_gold as GG
-from adasr import (DEEP, INSTRUCTION, MARKERS, STREAM, Problem, Protocol, add_markers,
+from adasr import (DEEP, INSTRUCTION, MARKERS, STREAM, Problem, Protocol,
                    answers_match, boxed_contents, extract_answer, normalize_answer)
-from checkpoint import load_pretrained, save_checkpoint
+from checkpoint import add_markers, config_to_hf, load_pretrained, save_checkpoint
 from cli import CheckpointError
 from data import DataError, load_gsm8k, load_problems, load_streamingthinker, split_question, split_sentences
 from gsm8k_gold import WORLD_CONSTANTS, align_steps, causality_errors, parse_step, said_numbers, solution_steps
@@ -610,7 +610,7 @@ def test_smollm2_logits_match_transformers(smollm2):
     """The GGUF q/k un-permutation is right iff transformers, given the same weights, agrees."""
     transformers = pytest.importorskip("transformers")
     model, tok = smollm2
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.cfg.to_hf())).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(model.cfg))).eval()
     hf.load_state_dict({C.hf_name(k): v for k, v in model.state_dict().items()})
     ids = torch.tensor([tok.encode(format_chat(tok, "Name three colours."))])
     with torch.no_grad():
@@ -796,7 +796,7 @@ def test_only_markers_new_to_a_pretrained_vocabulary_are_boosted(tmp_path):
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_boosted_rows_move_factor_times_as_far(tie):
-    from train import boost_rows
+    from checkpoint import boost_rows
     rows, factor = [3, 90], 20.0
     steps = []
     for boost in (False, True):

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from checkpoint import hf_name, load_pretrained
+from checkpoint import config_to_hf, hf_name, load_pretrained
 from cli import ArgumentParser, UserError, run_cli
 from report import matmul_gflops
 from model import generate
@@ -70,7 +70,7 @@ def main(argv=None):
         raise UserError("bench_model.py compares with transformers: pip install transformers") from None
     torch.manual_seed(0)
     model, tok = load_pretrained("smollm2")
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.cfg.to_hf())).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(model.cfg))).eval()
     hf.load_state_dict({hf_name(k): v for k, v in model.state_dict().items()})
     hf.generation_config.eos_token_id = tok.eos_id
     prompts = [tok.encode(format_chat(tok, q)) for q in QUESTIONS]

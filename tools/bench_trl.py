@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from adasr import Protocol, add_markers
-from checkpoint import load_pretrained, save_checkpoint
+from adasr import Protocol
+from checkpoint import add_markers, load_pretrained, save_checkpoint
 from cli import ArgumentParser, UserError, positive, run_cli
 from data import load_problems
 from hrpo import HRPOConfig, advantages, rl_update

@@ -18,8 +18,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from adasr import add_markers
-from checkpoint import load_pretrained
+from checkpoint import add_markers, load_pretrained
 from cli import ArgumentParser, positive, run_cli
 from report import matmul_gflops
 
