@@ -56,6 +56,8 @@ class HRPOConfig:
 def group_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """(B, G) rewards → (B, G) advantages, normalised within each group (row). Below ``eps`` the
     std is rounding noise (0.2 + 0.2 + 0.2 is not 3 × 0.2): the group gets exactly zero."""
+    if x.numel() == 0:                  # no group at all (a step whose groups all lacked signal)
+        return x
     std = x.std(1, unbiased=False, keepdim=True)
     return torch.where(std > eps, (x - x.mean(1, keepdim=True)) / (std + eps), 0.0)
 

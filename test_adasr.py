@@ -28,8 +28,8 @@ from cli import CheckpointError
 from data import DataError, load_gsm8k, load_problems, load_streamingthinker, split_question, split_sentences
 from gsm8k_gold import WORLD_CONSTANTS, align_steps, causality_errors, parse_step, said_numbers, solution_steps
 from kvcache import Ragged, shared_prefix
-from hrpo import (HRPOConfig, advantages, clipped_loss, collate, policy_logprobs, rl_update,
-                  sft_update)
+from hrpo import (HRPOConfig, advantages, clipped_loss, collate, means, policy_logprobs,
+                  rl_update, sft_update)
 from model import ModelConfig, Transformer, generate, init_weights, log_probs, sample, tiny_config
 from rewards import RewardConfig, Rewards, score, summarize
 from rollout import rollout
@@ -601,8 +601,8 @@ def test_cuda_autocast_rollout_and_rl_update(tiny):
         rng = random.Random(0)
         rewards = [Rewards(0, 0, 0, total=rng.random(), stream=rng.random(), deep=rng.random())
                    for _ in episodes]
-        m = rl_update(model, torch.optim.AdamW(model.parameters(), lr=1e-3), episodes,
-                      advantages(rewards, 4, 0.25), 4, HRPOConfig(mini_batches=2), micro_batch=4)
+        m = means(rl_update(model, torch.optim.AdamW(model.parameters(), lr=1e-3), episodes,
+                            rewards, 4, HRPOConfig(mini_batches=2), micro_batch=4))
     assert m["updates"] == 2 and math.isfinite(m["loss"]) and model.dtype == torch.float32
 
 
@@ -1666,9 +1666,8 @@ def test_micro_batches_give_the_full_batch_gradient(tiny):
     grads = []
     for micro in (12, 5):
         m = copy.deepcopy(model)
-        rl_update(m, torch.optim.SGD(m.parameters(), lr=0.0), episodes,
-                  advantages(rewards, 4, HRPOConfig().lam), 4, HRPOConfig(), micro_batch=micro,
-                  max_grad_norm=float("inf"))
+        rl_update(m, torch.optim.SGD(m.parameters(), lr=0.0), episodes, rewards, 4, HRPOConfig(),
+                  micro_batch=micro, max_grad_norm=float("inf"))
         grads.append(_grads(m))
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
 
@@ -1684,12 +1683,11 @@ def test_mini_batches_take_several_updates_and_the_clip_acts_from_the_second(tin
     rng = random.Random(0)
     rewards = [Rewards(0, 0, 0, total=rng.random(), stream=rng.random(), deep=rng.random())
                for _ in episodes]
-    adv = advantages(rewards, 4, 0.25)
     runs = {}
     for M, E in [(1, 1), (2, 1), (2, 2)]:
         m = copy.deepcopy(model)
-        runs[M, E] = rl_update(m, torch.optim.SGD(m.parameters(), lr=5.0), episodes, adv, 4,
-                               HRPOConfig(mini_batches=M, epochs=E), micro_batch=8)
+        runs[M, E] = means(rl_update(m, torch.optim.SGD(m.parameters(), lr=5.0), episodes, rewards,
+                                     4, HRPOConfig(lam=0.25, mini_batches=M, epochs=E), micro_batch=8))
     assert runs[1, 1]["updates"] == 1 and runs[1, 1]["ratio_dev"] <= 1e-6
     assert runs[1, 1]["clip_low"] == runs[1, 1]["clip_high"] == 0
     assert runs[2, 1]["updates"] == 2 and runs[2, 1]["ratio_dev"] > 1e-3
@@ -1768,7 +1766,7 @@ def test_a_hand_made_group_moves_each_phase_the_way_its_own_reward_says(tiny):
     with torch.no_grad():
         before = [phase_logp(ep) for ep in (a, b)]
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    rl_update(model, opt, [a, b], (a_s, a_d), 2, HRPOConfig(lam=1.0, mini_batches=1), micro_batch=2)
+    rl_update(model, opt, [a, b], rewards, 2, HRPOConfig(lam=1.0, mini_batches=1), micro_batch=2)
     with torch.no_grad():
         after = [phase_logp(ep) for ep in (a, b)]
     (as0, ad0), (bs0, bd0) = before
@@ -1796,8 +1794,7 @@ def test_rl_update_raises_the_best_rollout_and_sft_lowers_its_loss(tiny):
         lp0 = policy_logprobs(model, best, 1.0)[0].sum()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     # the first group alone: the one with signal, as dynamic sampling would keep it
-    m = rl_update(model, opt, episodes[:4], advantages(rewards, 4, 0.0), 4, HRPOConfig(lam=0.0),
-                  micro_batch=8)
+    m = means(rl_update(model, opt, episodes[:4], rewards, 4, HRPOConfig(lam=0.0), micro_batch=8))
     assert m["updates"] == 1.0 and "zero_signal" not in m
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with torch.no_grad():
@@ -1812,26 +1809,25 @@ def test_rl_update_raises_the_best_rollout_and_sft_lowers_its_loss(tiny):
 # --- data parallel (torchrun): the gradient does not depend on the number of processes
 
 def _rank_gradient(rank, world, store, episodes, rewards, state, group_size, out):
-    """One gloo rank: the tiny model, this rank's contiguous share of the rollouts, one RL step
-    with lr 0 (so the gradient stays in .grad), gradient written to out/rank.pt."""
+    """One gloo rank: the tiny model, every rollout of the step, this rank's share of each
+    mini-batch's rows, one RL step with lr 0 (so the gradient stays in .grad), gradient written
+    to out/rank.pt."""
     import torch.distributed as dist
+    from parallel import Dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     model = state["model"]
-    n = len(episodes) // world
-    share = slice(rank * n, (rank + 1) * n)
-    rl_update(model, torch.optim.SGD(model.parameters(), lr=0.0), episodes[share],
-              advantages(rewards[share], group_size, HRPOConfig().lam), group_size,
-              HRPOConfig(mini_batches=1),
-              micro_batch=3, max_grad_norm=float("inf"))
+    rl_update(model, torch.optim.SGD(model.parameters(), lr=0.0), episodes, rewards, group_size,
+              HRPOConfig(mini_batches=1), micro_batch=3, max_grad_norm=float("inf"),
+              mine=Dist(rank, world).share)
     torch.save(_grads(model), f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_two_gloo_processes_give_the_single_process_gradient(tiny, tmp_path):
-    """One process with 4 groups == two processes with 2 groups each, for the same rollouts —
-    including a rank whose groups all have zero signal (it must still join the all-reduce). One
-    mini-batch per step: with M of them, each rank gives its own share of groups to each."""
+    """One process == two processes each computing its share of every mini-batch's rows, for
+    the same rollouts: one mini-batch of 4 groups shared 2 + 2, rank 1's groups all of zero
+    signal (it must still join the all-reduce)."""
     import copy
     import torch.multiprocessing as mp
     model, _, pr, problems = tiny
@@ -1841,9 +1837,8 @@ def test_two_gloo_processes_give_the_single_process_gradient(tiny, tmp_path):
     rewards = [Rewards(0, 0, 0, total=float(i % 3 == 0) if i < 6 else 0.5, stream=float(i % 2)
                        if i < 6 else 0.0, deep=0.0) for i in range(12)]
     single = copy.deepcopy(model)
-    rl_update(single, torch.optim.SGD(single.parameters(), lr=0.0), episodes,
-              advantages(rewards, 3, HRPOConfig().lam), 3, HRPOConfig(mini_batches=1), micro_batch=5,
-              max_grad_norm=float("inf"))
+    rl_update(single, torch.optim.SGD(single.parameters(), lr=0.0), episodes, rewards, 3,
+              HRPOConfig(mini_batches=1), micro_batch=5, max_grad_norm=float("inf"))
     mp.spawn(_rank_gradient, nprocs=2, args=(2, tmp_path / "store", episodes, rewards,
                                              {"model": copy.deepcopy(model)}, 3, tmp_path))
     for rank in range(2):
@@ -1862,19 +1857,19 @@ TINY_RUN = ["--n-train", "64", "--n-eval", "6", "--sft-batch", "4", "--rl-batch"
 def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     import train
     args = TINY_RUN + ["--stage", "sft", "--sft-steps", "6", "--save-every", "2"]
-    original_log = train.Run.log
+    original_step = train.Run.sft_step
 
-    def log_then_stop(self, record):                 # Ctrl-C arrives during step 3
-        original_log(self, record)
-        if record["step"] == 3:
-            self.stop = True
-    monkeypatch.setattr(train.Run, "log", log_then_stop)
+    def step_then_stop(self, job, step, *rest):     # Ctrl-C arrives during step 3
+        if step == 2:
+            self.stop.requested = True
+        return original_step(self, job, step, *rest)
+    monkeypatch.setattr(train.Run, "sft_step", step_then_stop)
     with pytest.raises(SystemExit) as stopped:
         train.main(args + ["--out", str(tmp_path / "a")])
     assert stopped.value.code == 130
     state = torch.load(tmp_path / "a" / "checkpoint" / "trainer.pt", weights_only=False)
     assert state["step"] == 3 and state["job"] == "sft"
-    monkeypatch.setattr(train.Run, "log", original_log)
+    monkeypatch.setattr(train.Run, "sft_step", original_step)
     train.main(args + ["--out", str(tmp_path / "a"), "--resume"])
     steps = [json.loads(line)["step"] for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -1971,8 +1966,9 @@ def _sft_run(out, *extra):
 
 def _lines(path):
     """metrics.jsonl without the fields that measure time (they differ between two runs)."""
-    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "tokens_per_s")}
-            for line in open(path)]
+    timing = ("time", "tokens_per_s", "sft_s", "rollout_s", "update_s", "rollout_tokens_per_s",
+              "rollout_policy_tokens_per_s")
+    return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in open(path)]
 
 
 def test_resume_refuses_an_option_that_shapes_the_run(tmp_path):
@@ -2039,12 +2035,12 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path):
     stopped = tmp_path / "stopped"
     driver = f"""
 import os, signal, train
-real = train.Run.log
-def log(self, record):
-    real(self, record)
-    if record["step"] == 3:
+real = train.Run.sft_step
+def step(self, job, step, *rest):
+    if step == 2:
         os.kill(os.getpid(), signal.SIGTERM)
-train.Run.log = log
+    return real(self, job, step, *rest)
+train.Run.sft_step = step
 train.main({_sft_run(stopped)!r})
 """
     r = subprocess.run([sys.executable, "-c", driver], cwd=REPO, capture_output=True, text=True,
@@ -2126,13 +2122,13 @@ def test_bf16_on_a_cpu_without_bf16_units_is_said_at_the_start(monkeypatch, caps
     """--bf16 where a bf16 matmul is slower than fp32 (no AMX or AVX512-BF16) prints one warning
     with both rates; where bf16 is faster, or without --bf16, or on a GPU, nothing."""
     import argparse
-    import train
+    import report
     rates = {}
-    monkeypatch.setattr(train, "matmul_gflops", lambda seconds, dtype, n: rates[dtype])
+    monkeypatch.setattr(report, "matmul_gflops", lambda seconds, dtype, n: rates[dtype])
     for bf16_rate, want in ((1.3, True), (300.0, False)):
         rates.update({torch.bfloat16: bf16_rate, torch.float32: 70.0})
         for bf16, device in ((True, "cpu"), (False, "cpu"), (True, "cuda")):
-            train.warn_slow_bf16(argparse.Namespace(bf16=bf16, device=device))
+            report.warn_slow_bf16(argparse.Namespace(bf16=bf16, device=device))
             err = capsys.readouterr().err
             if want and bf16 and device == "cpu":
                 assert err.startswith("warning: --bf16") and "1.3 GFLOP/s" in err and " 70 " in err
@@ -2148,9 +2144,9 @@ def test_paired_compare_over_two_seeds_writes_every_file(tmp_path, monkeypatch):
     calls, current = {}, {}
     real_rollout, real_iteration = train.rollout, train.Run.rl_step
 
-    def tagged(self, job, step, *rest):
-        current["key"] = (self.seed, job.name, step)
-        return real_iteration(self, job, step, *rest)
+    def tagged(self, step, model, optimizer, hrpo, ref_model):
+        current["key"] = (self.seed, "grpo" if hrpo.lam == 0 else "hrpo", step)
+        return real_iteration(self, step, model, optimizer, hrpo, ref_model)
 
     def recording(model, protocol, problems, **kw):
         episodes = real_rollout(model, protocol, problems, **kw)
@@ -2209,31 +2205,74 @@ def test_presets_set_defaults_that_explicit_options_override():
     assert parse_args([]).task is None and parse_args([]).sft_steps == 600
 
 
+def _torchrun_rank(rank, world, port, argv):
+    """One rank of a training run as torchrun would start it (its environment variables)."""
+    import os
+    import train
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train.main(argv)
+
+
+def test_two_processes_log_every_episode_and_train_like_one(tmp_path):
+    """torchrun with 2 processes: every RL step's metrics count the episodes of both ranks, equal
+    one process's (each rollout row is seeded by its problem, not by the rank that rolls it
+    out), and the final weights match. A round of 3 groups over 2 ranks is shared 2 + 1."""
+    import socket
+    import torch.multiprocessing as mp
+    import train
+    argv = TINY_RUN + ["--sft-steps", "3", "--rl-steps", "2", "--rl-batch", "3",
+                       "--mini-batches", "1", "--threads", "1"]
+    train.main(argv + ["--out", str(tmp_path / "one")])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_torchrun_rank, nprocs=2, args=(2, port, argv + ["--out", str(tmp_path / "two")]))
+    one, two = _lines(tmp_path / "one" / "metrics.jsonl"), _lines(tmp_path / "two" / "metrics.jsonl")
+    rl = [r for r in two if r["stage"] == "rl"]
+    assert rl and all(r["n"] == 2 * r["groups_generated"] for r in rl)   # G = 2 of every group
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], float):
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5, nan_ok=True), (a["step"], k)
+            else:
+                assert a[k] == b[k], (a["step"], k)
+    for job in ("sft", "hrpo"):
+        m1, _ = load_pretrained(tmp_path / "one" / job)
+        m2, _ = load_pretrained(tmp_path / "two" / job)
+        for p, q in zip(m1.parameters(), m2.parameters()):
+            assert torch.allclose(p, q, atol=1e-5)
+
+
 def test_dynamic_sampling_refills_until_the_batch_has_signal():
     """Groups of fresh problems are rolled out until the batch holds B groups with signal; with
     no signal at all, the cap (the candidates) stops it and the step has nothing to train on."""
-    from train import Dist, dynamic_sampling
+    from train import dynamic_sampling
     G, B = 2, 4
     candidates = list(range(12))                                  # 3× the batch: the cap
     rounds = []
 
-    def roll(problems, start, signal_of):
-        rounds.append((start, list(problems)))
-        episodes = [f"{p}/{i}" for p in problems for i in range(G)]
-        adv = torch.tensor([float(signal_of(p)) * (-1) ** i for p in problems for i in range(G)])
-        return episodes, [p for p in problems for _ in range(G)], (adv, torch.zeros_like(adv))
-    s = dynamic_sampling(candidates, B, G, lambda p, st: roll(p, st, lambda q: q % 3 != 0),
-                         Dist(), "cpu")
+    def roll(problems, first):
+        rounds.append((first, list(problems)))
+        return [f"{p}/{i}" for p in problems for i in range(G)], [p for p in problems for _ in range(G)]
+
+    def signal_every_third_missing(rewards):                      # "rewards" are problem ids here
+        return [r % 3 != 0 for r in rewards[::G]]
+    kept, kept_rewards, episodes, rewards, generated = dynamic_sampling(
+        candidates, B, G, roll, signal_every_third_missing)
     # round 1: 0..3 (signal 1, 2), round 2: the 2 missing, 4..5 (both), done
-    assert rounds == [(0, [0, 1, 2, 3]), (4, [4, 5])] and s.generated == 6
-    assert s.kept == ["1/0", "1/1", "2/0", "2/1", "4/0", "4/1", "5/0", "5/1"]
-    assert s.advantages[0].tolist() == [1, -1] * 4 and s.advantages[1].tolist() == [0] * 8
-    assert s.rewards == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5] and len(s.episodes) == 12
-    assert s.with_signal == 4               # of the 6 groups rolled out: zero_signal 1/3
+    assert rounds == [(0, [0, 1, 2, 3]), (4, [4, 5])] and generated == 6
+    assert kept == ["1/0", "1/1", "2/0", "2/1", "4/0", "4/1", "5/0", "5/1"]
+    assert kept_rewards == [1, 1, 2, 2, 4, 4, 5, 5]
+    assert rewards == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5] and len(episodes) == 12
     rounds.clear()
-    s = dynamic_sampling(candidates, B, G, lambda p, st: roll(p, st, lambda q: False), Dist(), "cpu")
-    assert s.kept == [] and s.generated == 12 and len(s.episodes) == 24     # stopped by the cap
-    assert [start for start, _ in rounds] == [0, 4, 8] and s.with_signal == 0
+    kept, _, episodes, _, generated = dynamic_sampling(candidates, B, G, roll,
+                                                       lambda r: [False] * (len(r) // G))
+    assert kept == [] and generated == 12 and len(episodes) == 24     # stopped by the cap
+    assert [first for first, _ in rounds] == [0, 4, 8]
 
 
 # =============================================================================================

@@ -244,10 +244,10 @@ class Run:
         #    step, the problem's place among the candidates, sample): common random numbers.
         def roll(problems: list, first: int):
             mine = self.dist.share(list(range(len(problems))))     # data parallel: my share
-            episodes = self.dist.gather(rollout(
-                model, self.protocol, problems[mine[0]:mine[-1] + 1] if mine else [],
-                group_size=G, budget=args.budget, temperature=args.temperature,
-                seed=f"{self.seed}/rl/{step}/{first}/0", first=0))
+            episodes = rollout(model, self.protocol, [problems[i] for i in mine], group_size=G,
+                               budget=args.budget, temperature=args.temperature,
+                               seed=f"{self.seed}/rl/{step}", first=first + mine[0]) if mine else []
+            episodes = self.dist.gather(episodes)                    # every rank: every episode
             return episodes, [score(ep, self.rewards) for ep in episodes]
 
         t = time.time()
