@@ -88,7 +88,12 @@ class Problem:
     thoughts: list[str] | None = None  # gold streaming thought per chunk ("" = skip), when known
     deep: str | None = None  # gold deep reasoning of the streaming layout (text before <EOR>)
     rtt_deep: str | None = None  # gold read-then-think reasoning (all thinking after the stream)
-    state: str | None = None  # what a right stream carries out: the count at its end (synthetic)
+    states: list[str] | None = None  # per chunk, the state a right stream carries past it (synthetic)
+
+    @property
+    def state(self) -> str | None:
+        """What a right stream carries out: the state after the last chunk (when known)."""
+        return self.states[-1] if self.states else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,6 +47,16 @@ class HRPOConfig:
     mini_batches: int = 4
     epochs: int = 1
     std_eps: float = 1e-4
+    credit: str = "stage"           # where the phase advantages act: CREDITS
+
+
+# [ours, the paper's granularity ablation] stage: every token of a phase gets its phase's
+# advantage; chunk: each streaming unit (the thought or skip after chunk k) its own, from a reward
+# per unit normalised across the group at the same chunk (rewards.chunk_rewards); boundary: the
+# phase advantages act only on the tokens that decide the protocol — the first token after each
+# chunk (<EOT> for a skip, or a thought's first word) and the deep phase's first — and every other
+# token gets the global one. λ = 0 is GRPO for all three. docs/method.md §4.
+CREDITS = ("stage", "chunk", "boundary")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,10 +90,53 @@ def advantages(rewards: list[Rewards], group_size: int, lam: float, eps: float =
     return a_stream.flatten().float(), a_deep.flatten().float()
 
 
-def group_signal(rewards: list[Rewards], group_size: int, lam: float) -> list[bool]:
-    """B*G grouped rewards → for each group, does it carry any signal (a non-zero advantage)?"""
-    a_stream, a_deep = advantages(rewards, group_size, lam)
-    return ((a_stream != 0) | (a_deep != 0)).view(-1, group_size).any(1).tolist()
+def token_advantages(episodes: list[Episode], rewards: list[Rewards], group_size: int,
+                     cfg: HRPOConfig) -> list[torch.Tensor]:
+    """The advantage of every token of every rollout (0 at observations), for ``cfg.credit``."""
+    a_stream, a_deep = advantages(rewards, group_size, cfg.lam, cfg.std_eps)
+    if cfg.credit == "chunk":
+        a_units = chunk_advantages(rewards, group_size, cfg)
+    if cfg.credit == "boundary":
+        a_global, _ = advantages(rewards, group_size, 0.0, cfg.std_eps)
+    out = []
+    for i, ep in enumerate(episodes):
+        adv = torch.zeros(len(ep.tokens))
+        previous_policy = False
+        for t, (pol, ph, k) in enumerate(zip(ep.is_policy, ep.phase, ep.chunk)):
+            if pol:
+                a = a_deep[i] if ph == DEEP else a_stream[i]
+                if cfg.credit == "chunk" and ph != DEEP:
+                    a = a_units[i][k]
+                elif cfg.credit == "boundary" and previous_policy:   # not a decision token
+                    a = a_global[i]
+                adv[t] = a
+            previous_policy = pol
+        out.append(adv)
+    return out
+
+
+def chunk_advantages(rewards: list[Rewards], group_size: int, cfg: HRPOConfig) -> list[torch.Tensor]:
+    """Per rollout, the advantage of each streaming unit: λ·Â^c_{i,k} + (1−λ)·Â^g_i, with the
+    unit rewards (``Rewards.chunks``) normalised across the group at the same chunk k."""
+    if any(r.chunks is None for r in rewards):
+        raise ValueError("credit 'chunk' needs per-chunk rewards (a synthetic task's problems)")
+    g = group_normalize(torch.tensor([r.total for r in rewards], dtype=torch.float64)
+                        .view(-1, group_size), cfg.std_eps)
+    out = []
+    for b in range(len(rewards) // group_size):
+        group = rewards[b * group_size:(b + 1) * group_size]
+        units = torch.tensor([r.chunks for r in group], dtype=torch.float64)     # (G, K)
+        c = group_normalize(units.T, cfg.std_eps).T                              # across G per k
+        out += [(cfg.lam * c[i] + (1 - cfg.lam) * g[b, i]).float() for i in range(group_size)]
+    return out
+
+
+def group_signal(episodes: list[Episode], rewards: list[Rewards], group_size: int,
+                 cfg: HRPOConfig) -> list[bool]:
+    """For each group of rollouts, does it carry any signal (a non-zero token advantage)?"""
+    adv = token_advantages(episodes, rewards, group_size, cfg)
+    return [any(bool(a.any()) for a in adv[b:b + group_size])
+            for b in range(0, len(adv), group_size)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,12 +164,8 @@ class Batch:
                      self.adv[idx, :width], self.lengths[idx])
 
 
-def collate(episodes: list[Episode], device, a_stream: torch.Tensor | None = None,
-            a_deep: torch.Tensor | None = None) -> Batch:
-    """Pad episodes into a Batch; scatter each rollout's phase advantages onto its policy tokens.
-
-    Without advantages (SFT) ``adv`` is zero.
-    """
+def collate(episodes: list[Episode], device, advantages: list[torch.Tensor] | None = None) -> Batch:
+    """Pad episodes and their per-token advantages into a Batch (without advantages, SFT: 0)."""
     N, T = len(episodes), max((len(ep.tokens) for ep in episodes), default=0)
     ids = torch.zeros(N, T, dtype=torch.long)
     is_policy = torch.zeros(N, T, dtype=torch.bool)
@@ -127,9 +176,8 @@ def collate(episodes: list[Episode], device, a_stream: torch.Tensor | None = Non
         ids[i, :n] = torch.tensor(ep.tokens)
         is_policy[i, :n] = torch.tensor(ep.is_policy)
         old_logp[i, :n] = torch.tensor(ep.logprobs)
-        if a_stream is not None:
-            deep = torch.tensor(ep.phase) == DEEP
-            adv[i, :n] = torch.where(deep, a_deep[i], a_stream[i]) * is_policy[i, :n]
+        if advantages is not None:
+            adv[i, :n] = advantages[i] * is_policy[i, :n]
     lengths = torch.tensor([len(ep.tokens) for ep in episodes])
     return Batch(ids.to(device), is_policy.to(device), old_logp.to(device), adv.to(device),
                  lengths.to(device))
@@ -247,7 +295,7 @@ def rl_update(model, optimizer, episodes: list[Episode], rewards: list[Rewards],
     parallel: its share; all of it in one process). Returns sums over those tokens of ``STATS``
     (``means`` turns them into the logged metrics) and over updates of ``grad_norm``.
     """
-    a_stream, a_deep = advantages(rewards, group_size, cfg.lam, cfg.std_eps)
+    adv = token_advantages(episodes, rewards, group_size, cfg)
     device = next(model.parameters()).device
     sums = {"updates": 0, "policy_tokens": 0, "grad_norm": 0.0, **{k: 0.0 for k in STATS}}
     for _ in range(cfg.epochs):
@@ -257,7 +305,7 @@ def rl_update(model, optimizer, episodes: list[Episode], rewards: list[Rewards],
             if n_tokens == 0:
                 continue
             rows = mine(rows)
-            batch = collate([episodes[r] for r in rows], device, a_stream[rows], a_deep[rows])
+            batch = collate([episodes[r] for r in rows], device, [adv[r] for r in rows])
 
             def loss_of(mb, logp):
                 ref_logp = None

@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from adasr import BUDGET, Episode
+from adasr import BUDGET, STREAM, Episode
 
 # ---------------------------------------------------------------------------------------------
 # Rewards
@@ -55,14 +55,17 @@ class RewardConfig:
     beta:   cost of a streaming token written while input is still arriving, per budget.
     budget: T, the generation budget in policy tokens; costs are token counts divided by T.
     stream_credit: what R^s counts as success: "answer" (r_acc) or "state" (``state_right``).
+    terms: which rewards count: "all" (the paper's), "acc+fmt" or "acc" (its reward ablation).
     """
     alpha: float = 0.3
     beta: float = 0.05
     budget: int = BUDGET
     stream_credit: str = "answer"
+    terms: str = "all"
 
 
 STREAM_CREDITS = ("answer", "state")
+REWARD_TERMS = ("all", "acc+fmt", "acc")
 _INTEGER = re.compile(r"-?\d+")
 
 
@@ -89,6 +92,7 @@ class Rewards:
     total: float
     stream: float
     deep: float
+    chunks: list[float] | None = None      # per streaming unit (chunk_rewards); synthetic tasks
 
 
 def score(ep: Episode, cfg: RewardConfig) -> Rewards:
@@ -101,16 +105,53 @@ def score(ep: Episode, cfg: RewardConfig) -> Rewards:
     R^s   = r_acc + (0 if streaming phase valid else -1) - beta * stream_tokens / T
             - alpha * spill / T          (r_state instead of r_acc with stream_credit "state")
     R^d   = r_acc + (0 if deep phase valid else -1) - alpha * deep_tokens / T
+
+    With ``terms`` "acc+fmt" the token costs are left out of R, R^s and R^d; with "acc" the
+    validity terms too (the paper's reward ablation).
     """
     p, T = ep.parsed, cfg.budget
-    fmt = 0.0 if p.valid else -1.0
+    fmt_on, ada_on = cfg.terms != "acc", cfg.terms == "all"
+    fmt = -1.0 if fmt_on and not p.valid else 0.0
     acc = 1.0 if ep.correct else 0.0
-    ada = -cfg.alpha * ep.residual_tokens / T - cfg.beta * ep.stream_tokens / T
+    ada = -cfg.alpha * ep.residual_tokens / T - cfg.beta * ep.stream_tokens / T if ada_on else 0.0
     credit = acc if cfg.stream_credit == "answer" else float(p.valid and state_right(ep))
-    stream = credit + (0.0 if not p.stream_errors else -1.0) \
-        - cfg.beta * ep.stream_tokens / T - cfg.alpha * ep.spill_tokens / T
-    deep = acc + (0.0 if not p.deep_errors else -1.0) - cfg.alpha * ep.deep_tokens / T
-    return Rewards(fmt=fmt, acc=acc, ada=ada, total=acc + fmt + ada, stream=stream, deep=deep)
+    stream = credit - float(fmt_on and bool(p.stream_errors)) \
+        - ada_on * (cfg.beta * ep.stream_tokens / T + cfg.alpha * ep.spill_tokens / T)
+    deep = acc - float(fmt_on and bool(p.deep_errors)) - ada_on * cfg.alpha * ep.deep_tokens / T
+    units = chunk_rewards(ep, cfg) if ep.problem.relevant and ep.problem.states else None
+    return Rewards(fmt=fmt, acc=acc, ada=ada, total=acc + fmt + ada, stream=stream, deep=deep,
+                   chunks=units)
+
+
+def chunk_rewards(ep: Episode, cfg: RewardConfig) -> list[float]:
+    """[ours] A reward per streaming unit k (the thought, or skip, after chunk k), from what a
+    synthetic task knows — which chunks matter and the count the gold thoughts carry:
+
+        r_k = tracked_k + (skipped_k if chunk k does not matter) − beta·n_k/T − alpha·spill_k/T
+
+    tracked_k: the last number written in thoughts 0..k equals the problem's state after chunk
+    k (``Problem.states``: the stream carried the right count past it); n_k: the unit's tokens; spill_k: those
+    finished after the last arrival. With ``terms`` other than "all" only tracked_k counts.
+    A unit the rollout never reached gets the reward of writing nothing right (0)."""
+    p, T = ep.parsed, cfg.budget
+    written = []
+    counts = [[0, 0] for _ in ep.problem.chunks]          # per unit: tokens, spilled tokens
+    for pol, ph, k, t in zip(ep.is_policy, ep.phase, ep.chunk, ep.times):
+        if pol and ph == STREAM:
+            counts[k][0] += 1
+            counts[k][1] += t > ep.arrivals[-1]
+    out = []
+    for k, thought in enumerate(p.thoughts):
+        if thought is None:
+            out.append(0.0)
+            continue
+        written.append(thought)
+        r = float(last_number(" ".join(written)) == int(ep.problem.states[k]))
+        if cfg.terms == "all":
+            r += float(thought == "" and not ep.problem.relevant[k])
+            r -= cfg.beta * counts[k][0] / T + cfg.alpha * counts[k][1] / T
+        out.append(r)
+    return out
 
 
 def summarize(episodes: list[Episode], rewards: list[Rewards]) -> dict[str, float]:

@@ -13,6 +13,8 @@ model's BPE vocabulary small and the tasks learnable on a CPU in minutes.
            pens does Ann have at the end?"): whether a chunk matters depends on the question.
     recover  The positive control for HRPO: the gold stream misses half of your "find" events
            and the deep phase re-reads the stream to recover, right but slow (``_recover``).
+    silent The case the positive control left open: the gold stream slips on half of your
+           events and the deep phase always re-reads, so a slip costs nothing (``_silent``).
     long   Track your count over 8-12 chunks with counts up to 20 and changes up to 5, and the
            question adds one change after the stream ("..., if you then buy 6 more?"): the deep
            phase has necessary work of its own, so a rollout can be good in one phase and bad
@@ -50,10 +52,12 @@ TASKS = {"you": "your count of one item",
          "named": "a named person's count of one item among several people and items",
          "long": "your count over 8-12 chunks up to 20, then one more change in the deep phase",
          "recover": "your count; the gold stream misses half of your 'find' events and the deep "
-                    "phase re-reads to recover (HRPO's positive control)"}
+                    "phase re-reads to recover (HRPO's positive control)",
+         "silent": "your count; the gold stream slips on half of your events and the deep phase "
+                   "always re-reads: a streaming mistake that costs neither accuracy nor latency"}
 # Per task: chunks per problem (inclusive range), largest count, largest change of one event.
 _TASK_SIZES = {"you": ((4, 7), 12, 4), "named": ((4, 7), 12, 4), "long": ((8, 12), 20, 5),
-               "recover": ((5, 8), 12, 4)}
+               "recover": ((5, 8), 12, 4), "silent": ((5, 8), 12, 4)}
 
 
 def _event(rng: random.Random, subject: str, verb: str, k: int, item: tuple[str, str],
@@ -85,7 +89,7 @@ def _track(rng, key, target, item, others, n_chunks, max_value, max_delta, irrel
     stream ("..., if you then buy 6 more?"), which only the deep phase can compute."""
     count = rng.randint(1, max_value)
     chunks = [_event(rng, target, "have", count, item)]
-    relevant = [True]
+    relevant, states = [True], [str(count)]
     thoughts = [f"{target} start{'s' if target != 'You' else ''} with {count}."]
     recap = [f"{target} started with {count}."]
     for _ in range(rng.randint(*n_chunks) - 1):
@@ -95,6 +99,7 @@ def _track(rng, key, target, item, others, n_chunks, max_value, max_delta, irrel
             # Drawn even when terse is 0 or 1, so that terse changes thoughts, never problems.
             skip = rng.random() < terse
             thoughts.append("" if skip else f"No change, still {count}.")
+            states.append(str(count))
             continue
         verb, k = _change(rng, count, max_value, max_delta)
         sign, past = VERBS[verb]
@@ -104,6 +109,7 @@ def _track(rng, key, target, item, others, n_chunks, max_value, max_delta, irrel
         thoughts.append(step)
         recap.append(f"{target} {past} {k}, so {step}")
         count += sign * k
+        states.append(str(count))
     answer, last = count, []
     if then:
         sign = 1 if count == 0 or rng.random() < 0.5 else -1
@@ -129,7 +135,7 @@ def _track(rng, key, target, item, others, n_chunks, max_value, max_delta, irrel
                 f"How many {item[1]} do you have at the end?")
     return Problem(id=f"synthetic/{key}", question=question, chunks=chunks, answer=str(answer),
                    relevant=relevant, thoughts=thoughts, deep=deep, rtt_deep=rederive,
-                   state=str(count))
+                   states=states)
 
 
 def _you(rng, key, sizes, irrelevant, terse, then=False) -> Problem:
@@ -184,18 +190,20 @@ def _recover(rng, key, sizes, irrelevant, terse, miss) -> Problem:
         return _event(rng, rng.choice(NAMES), rng.choice(("have", *VERBS)), rng.randint(1, sizes[2]), item)
     _, max_value, max_delta = sizes
     start = count = rng.randint(1, max_value)
-    chunks, relevant = [_event(rng, "You", "have", count, item)], [True]
+    chunks, relevant, states = [_event(rng, "You", "have", count, item)], [True], [str(count)]
     events = []                              # (chunk index, verb, k, count before) of your events
     for _ in range(rng.randint(*sizes[0]) - 1):
         if rng.random() < irrelevant:
             chunks.append(others(rng))
             relevant.append(False)
+            states.append(str(count))
             continue
         verb, k = _change(rng, count, max_value, max_delta)
         events.append((len(chunks), verb, k, count))
         chunks.append(_event(rng, "You", verb, k, item))
         relevant.append(True)
         count += VERBS[verb][0] * k
+        states.append(str(count))
     # Each "find" event is missed with probability ``miss``, on its own: the SFT model then
     # learns a coin flip at every such chunk, so sampled streams miss often and the miss is
     # tied to a chunk the stream can learn to read (a miss at a random event was too rare to
@@ -219,11 +227,55 @@ def _recover(rng, key, sizes, irrelevant, terse, miss) -> Problem:
     rederive = " ".join(["Recap:"] + recap + [final])
     return Problem(id=f"synthetic/{key}", question=f"How many {item[1]} do you have at the end?",
                    chunks=chunks, answer=str(count), relevant=relevant, thoughts=thoughts,
-                   deep=rederive if missed else final, rtt_deep=rederive,
-                   state=str(count))
+                   deep=rederive if missed else final, rtt_deep=rederive, states=states)
 
 
-_TASK_MAKERS = {"you": _you, "named": _named, "long": _long, "recover": _recover}
+def _silent(rng, key, sizes, irrelevant, terse, slip) -> Problem:
+    """[ours] A streaming mistake that costs neither correctness nor latency, which only a reward
+    per phase or per chunk can see.
+
+    The gold stream tracks your count but slips on each of your events with probability
+    ``slip``: it writes one too many ("5 + 3 = 9.") and tracks on from there, so the state it
+    carries out is wrong. Irrelevant chunks are always skipped. The deep phase always re-reads
+    the stream ("Recap: ...", every event from the chunks, never from the thoughts) and answers
+    right, in the same words whether the stream slipped or not: a slipped rollout has the same
+    answer and the same latency (up to a digit's token) as a clean one, so the global reward,
+    and GRPO, cannot tell them apart; R^s with the carried state (--stream-credit state) and the
+    per-chunk rewards (--credit chunk) can. ``terse`` is not used."""
+    item = rng.choice(ITEMS)
+
+    def others(rng):
+        if rng.randrange(3) == 2:
+            return rng.choice(FILLERS).format(name=rng.choice(NAMES))
+        return _event(rng, rng.choice(NAMES), rng.choice(("have", *VERBS)), rng.randint(1, sizes[2]), item)
+    _, max_value, max_delta = sizes
+    count = believed = rng.randint(1, max_value)
+    chunks, relevant, states = [_event(rng, "You", "have", count, item)], [True], [str(count)]
+    thoughts, recap = [f"You start with {count}."], [f"You started with {count}."]
+    for _ in range(rng.randint(*sizes[0]) - 1):
+        if rng.random() < irrelevant:
+            chunks.append(others(rng))
+            relevant.append(False)
+            thoughts.append("")
+            states.append(str(count))
+            continue
+        verb, k = _change(rng, count, max_value, max_delta)
+        sign, past = VERBS[verb]
+        op = "+" if sign > 0 else "-"
+        chunks.append(_event(rng, "You", verb, k, item))
+        relevant.append(True)
+        recap.append(f"You {past} {k}, so {count} {op} {k} = {count + sign * k}.")
+        written = believed + sign * k + (rng.random() < slip)           # a slip: one too many
+        thoughts.append(f"{believed} {op} {k} = {written}.")
+        believed, count = written, count + sign * k
+        states.append(str(count))
+    rederive = " ".join(["Recap:"] + recap + [f"The answer is {count}."])
+    return Problem(id=f"synthetic/{key}", question=f"How many {item[1]} do you have at the end?",
+                   chunks=chunks, answer=str(count), relevant=relevant, thoughts=thoughts,
+                   deep=rederive, rtt_deep=rederive, states=states)
+
+
+_TASK_MAKERS = {"you": _you, "named": _named, "long": _long, "recover": _recover, "silent": _silent}
 
 
 def make_synthetic(n: int, seed: int | str, *, task: str = "you", irrelevant: float = 0.4,
@@ -235,7 +287,8 @@ def make_synthetic(n: int, seed: int | str, *, task: str = "you", irrelevant: fl
     terse: probability, drawn independently per irrelevant chunk, that its gold thought is ""
         (skip), and per problem that the gold deep reasoning is only what the answer needs
         ("The answer is N.", or the difference for pair) instead of a full recap.
-    miss: task recover only: probability that the gold stream misses a "find" event (each one).
+    miss: probability that the gold stream misses a "find" event (task recover) or slips on
+        one of your events (task silent), each one on its own.
 
     Example, make_synthetic(1, 0)[0]:
         question  "How many pens do you have at the end?"
@@ -256,7 +309,7 @@ def make_synthetic(n: int, seed: int | str, *, task: str = "you", irrelevant: fl
     # The task's name is not part of the key for "you", so that its problems stay those of
     # every earlier version of this file.
     prefix = "" if task == "you" else f"{task}/"
-    extra = (miss,) if task == "recover" else ()
+    extra = (miss,) if task in ("recover", "silent") else ()
     return [_TASK_MAKERS[task](random.Random(f"{prefix}{seed}/{i}"), f"{prefix}{seed}/{i}",
                                _TASK_SIZES[task], irrelevant, terse, *extra) for i in range(n)]
 

@@ -1406,7 +1406,7 @@ def test_state_credit_keeps_a_right_stream_rewarded_when_the_answer_is_wrong(tin
     assert state_right(ep) and by_answer.acc == 0.0
     assert by_state.stream == pytest.approx(by_answer.stream + 1.0)
     assert (by_state.total, by_state.deep) == (by_answer.total, by_answer.deep)
-    ep.problem = replace(problems[0], state="99")
+    ep.problem = replace(problems[0], states=problems[0].states[:-1] + ["99"])
     assert not state_right(ep)
     assert score(ep, RewardConfig(stream_credit="state")).stream == pytest.approx(by_answer.stream)
 
@@ -2291,7 +2291,7 @@ def test_phase_errors_reads_the_carried_state_and_the_answer(tiny):
     ep = protocol.gold(p, "stream")
     ep.problem = replace(p, answer=str(int(p.answer) + 1))                # the reference moves
     assert classify(ep) == (True, False)
-    ep.problem = replace(p, state="99")                                 # what a right stream carries
+    ep.problem = replace(p, states=p.states[:-1] + ["99"])                                 # what a right stream carries
     assert classify(ep) == (False, True)
 
 
