@@ -177,7 +177,10 @@ def model_from_tensors(cfg: ModelConfig, tensors: dict, files: dict, dtype, devi
     for n, k in keys.items():
         if tuple(tensors[n].shape) != tuple(shapes[k].shape):
             raise CheckpointError(f"{files[n]}: tensor '{n}' has shape {tuple(tensors[n].shape)}, expected {tuple(shapes[k].shape)}")
-        if tensors[n].is_floating_point() and not bool(torch.isfinite(tensors[n]).all()):
+        if not tensors[n].is_floating_point():     # a cast would load rubbish without a word
+            raise CheckpointError(f"{files[n]}: tensor '{n}' has dtype {tensors[n].dtype}, not a "
+                                  "floating-point type: not the weights of a model")
+        if not bool(torch.isfinite(tensors[n]).all()):
             raise CheckpointError(f"{files[n]}: tensor '{n}' holds non-finite values (NaN or inf): "
                                   "the model that was saved had diverged")
         state[k] = tensors[n].to(dtype)
@@ -294,20 +297,39 @@ def smollm2_path() -> Path:
 
 
 def load_pretrained(path, device="cpu", dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
-    """Load (model, tokenizer) from a HF checkpoint directory, a .gguf file, or the alias 'smollm2'."""
+    """Load (model, tokenizer) from a HF checkpoint directory, a .gguf file, or the alias 'smollm2'.
+    A run directory of train.py is not a model: the error names the models inside it."""
+    from rundir import check_model_path
+
+    if not str(path).strip():                   # Path("") is the current directory
+        raise CheckpointError("the model path is empty: give a checkpoint directory, a .gguf "
+                              "file or smollm2")
     path = smollm2_path() if str(path) == "smollm2" else Path(path)
     if path.suffix == ".gguf":
         return load_gguf(path, device, dtype)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory or .gguf file")
+    check_model_path(None, str(path))
     return load_hf_dir(path, device, dtype)
 
 
 def _write_synced(path: Path, write):
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write a file of a checkpoint being built in its temporary sibling (``_save_siblings``).
+    A write that fails (a full disk) removes that half-built sibling, and its error names the
+    file of the checkpoint (an error of a raw write names none)."""
+    try:
+        with open(path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp = path.parent
+        if tmp.name.startswith(".") and tmp.name.endswith(".tmp"):      # never anything else
+            shutil.rmtree(tmp, ignore_errors=True)
+            target = tmp.with_name(tmp.name[1:-len(".tmp")]) / path.name
+            raise OSError(e.errno, f"{e.strerror} (nothing of this save was kept; the previous "
+                                   "checkpoint there, if any, is intact)", str(target)) from None
+        raise
 
 
 def _save_siblings(path: Path) -> tuple[Path, Path]:

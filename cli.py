@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import errno
 import math
+import os
 import sys
 
 import torch
@@ -43,20 +44,44 @@ ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, err
 def run_cli(main) -> None:
     """Run a program's `main()`: a UserError — or a full disk, a read-only file system, missing
     permissions — ends it with one line on stderr and exit status 2; a second Ctrl-C with one
-    line and status 130; any other exception is a bug and keeps its traceback."""
+    line and status 130; any other exception is a bug and keeps its traceback. Under torchrun
+    every process checks the same options and fails the same way: only rank 0 says so, so that
+    a bad option is one line, not one per process."""
+    quiet = os.environ.get("RANK", "0") != "0"          # torchrun sets RANK; alone it is unset
+
+    def say(line: str) -> None:
+        if not quiet:
+            print(line, file=sys.stderr)
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         sys.exit(2)
     except OSError as e:
         if e.errno not in ENVIRONMENT_ERRORS:
             raise
-        print(f"error: {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
+        say(f"error: {e.filename or 'a file'}: {e.strerror}")
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: stopped without saving (the last checkpoint is intact)", file=sys.stderr)
+        say("interrupted: stopped without saving (the last checkpoint is intact)")
         sys.exit(130)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows every option's default once: "(default: X)" after its help, unless the
+    default is None (the help then says what happens without it) or a flag's False."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        if shown and action.option_strings and "%(default)" not in text:
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+    def _format_action(self, action):
+        if action.option_strings:            # argparse prints no help line for an empty help
+            action.help = self._get_help_string(action) or action.help
+        return super()._format_action(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -109,6 +134,8 @@ def number_list(option: str, text: str, kind) -> list:
         raise UserError(f"option {option} = {text!r} is not a comma-separated list of numbers") from None
     if not values:
         raise UserError(f"option {option} is empty")
+    if not all(math.isfinite(v) for v in values):          # inf and nan are never a setting
+        raise UserError(f"option {option} = {text} must hold finite numbers")
     return values
 
 

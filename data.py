@@ -11,8 +11,8 @@ Two sources, one record (docs/method.md §7), recognised by content in ``load_pr
 - GSM8K JSON lines: word problems with worked solutions but no per-sentence thoughts. The
   question text is split into sentences; the asking sentence arrives first, the others stream
   in as chunks; the streaming gold is built from the worked solution (gsm8k_gold.py,
-  ``load_gsm8k``). ``python data.py FILE...`` reports how much of each file streams and checks
-  every gold episode.
+  ``load_gsm8k``). ``python data.py FILE...`` reports how much of each file (GSM8K or
+  StreamingThinker) streams and checks every gold episode.
 
 Design decisions
 - [ours] The question arrives first, before any chunk (StreamingThinker's order), and the model
@@ -121,10 +121,23 @@ def _reject(error: DataError, skip_bad: bool, errors: list[DataError]) -> None:
     errors.append(error)
 
 
+def check_data_file(path, option: str | None = None) -> Path:
+    """``path`` as a Path, once it is a regular file; else a DataError that says what it is (and
+    names ``option``, when it came from one)."""
+    path = Path(path)
+    where = f"option {option}: {path}" if option else str(path)
+    if not path.exists():
+        raise DataError(f"{where}: no such file")
+    if path.is_dir():
+        raise DataError(f"{where}: is a directory, not a data file")
+    if not path.is_file():
+        raise DataError(f"{where}: not a regular file (a device, a pipe or a socket), not a data file")
+    return path
+
+
 def _read_records(path: Path, skip_bad: bool, errors: list[DataError]) -> list[_Record]:
     """The JSON objects of a file that holds one JSON list or JSON lines (blank lines ignored)."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    check_data_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -236,13 +249,17 @@ def _parse_streamingthinker(name: str, record: _Record) -> Problem:
                    thoughts=thoughts, deep=deep, rtt_deep=rtt_deep)
 
 
-_MARKER = re.compile(r"<EO[A-Z]>")
+# StreamingThinker's own markers (<EOQ>, <EOS>, <EOT>, <EOR>, <EOF>, <EOA>, ...): a record splits on
+# them, so one left inside a piece of text means the record's markers are out of place.
+_SOURCE_MARKER = re.compile(r"<EO[A-Z]>")
 
 
-def marker_in(text: str) -> str | None:
-    """The first protocol marker written inside ``text`` (user text must hold none), or None."""
-    m = _MARKER.search(text)
-    return m.group() if m else None
+def marker_in(text: str, special=()) -> str | None:
+    """The first protocol marker (adasr.MARKERS) or other ``special`` token of a tokenizer written
+    inside ``text``, or None. The tokenizer reads a special token in text as that token, so user
+    text must hold none; any other text (StreamingThinker's ``<EOF>``, say) is text."""
+    found = [(text.find(m), m) for m in [*MARKERS, *special] if m in text]
+    return min(found)[1] if found else None
 
 
 def _check_markers(record: _Record, problem: Problem) -> Problem:
@@ -252,7 +269,10 @@ def _check_markers(record: _Record, problem: Problem) -> Problem:
     texts |= {f"thoughts[{i}]": t for i, t in enumerate(problem.thoughts or [])}
     for field, text in texts.items():
         if text and (m := marker_in(text)):
-            raise DataError(f"{record.where}: marker {m} left inside {field}: {text!r}")
+            raise DataError(f"{record.where}: the protocol marker {m} is left inside {field}: {text!r}")
+        if text and (m := _SOURCE_MARKER.search(text)):
+            raise DataError(f"{record.where}: the record's marker {m.group()} is left inside "
+                            f"{field} (out of place in the record): {text!r}")
     return problem
 
 
@@ -330,13 +350,15 @@ def warn_overlap(train: list[Problem], held_out: list[Problem]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# python data.py FILE...: how much of a GSM8K file streams, and a check of every gold episode
+# python data.py FILE...: how much of a file's gold streams, and a check of every gold episode
 
 
 @dataclass
 class GoldReport:
-    """How the streaming gold of one GSM8K file came out, and what is wrong with it."""
+    """How the streaming gold of one file came out, and what is wrong with it. A StreamingThinker
+    file brings its gold thoughts; a GSM8K file's are placed from its solution steps."""
 
+    source: str = "GSM8K"
     problems: int = 0
     steps: int = 0
     streamed_steps: int = 0  # steps placed in the stream (not left to the deep phase)
@@ -348,8 +370,9 @@ class GoldReport:
     def lines(self, name: str) -> list[str]:
         def share(part: int, whole: int) -> str:
             return f"{part / max(whole, 1):6.1%}  ({part} of {whole})"
-        return [f"{name}: {self.problems} problems",
-                f"  solution steps placed in the stream  {share(self.streamed_steps, self.steps)}",
+        steps = [f"  solution steps placed in the stream  {share(self.streamed_steps, self.steps)}"]
+        return [f"{name}: {self.problems} problems ({self.source})",
+                *(steps if self.source == "GSM8K" else []),
                 f"  chunks with a thought                {share(self.thought_chunks, self.chunks)}",
                 f"  problems with at least one thought   "
                 f"{share(self.problems_with_thought, self.problems)}",
@@ -358,22 +381,27 @@ class GoldReport:
 
 
 def gold_report(path: str | Path, protocol) -> GoldReport:
-    """Statistics of the streaming gold of a GSM8K file, and a check of every problem: its
-    placement keeps the rules (causality_errors), and its gold episode in both layouts
-    (protocol.gold, an adasr.Protocol) parses valid, with the problem's thoughts and answer."""
-    problems = load_gsm8k(path)
-    records = _read_records(Path(path), False, [])  # the same records, for the solution steps
-    report = GoldReport()
+    """Statistics of the streaming gold of a GSM8K or StreamingThinker file, and a check of every
+    problem: its gold episode in both layouts (protocol.gold, an adasr.Protocol) parses valid,
+    with the problem's thoughts and answer; for GSM8K also that the placement of its solution
+    steps keeps the rules (causality_errors)."""
+    path = Path(path)
+    records = _read_records(path, False, [])  # the same records as the problems', for the steps
+    gsm8k = not records or _recognise(records[0]) is _parse_gsm8k
+    problems = load_gsm8k(path) if gsm8k else load_streamingthinker(path)
+    report = GoldReport(source="GSM8K" if gsm8k else "StreamingThinker")
     for problem, record in zip(problems, records, strict=True):
-        steps = solution_steps(_field(record, "answer").rpartition("####")[0])
-        placed = align_steps(problem.question, problem.chunks, steps)
+        errors = []
+        if gsm8k:
+            steps = solution_steps(_field(record, "answer").rpartition("####")[0])
+            placed = align_steps(problem.question, problem.chunks, steps)
+            report.steps += len(steps)
+            report.streamed_steps += sum(k is not None for k in placed)
+            errors = causality_errors(problem.question, problem.chunks, steps, placed)
         report.problems += 1
-        report.steps += len(steps)
-        report.streamed_steps += sum(k is not None for k in placed)
         report.chunks += len(problem.chunks)
         report.thought_chunks += sum(bool(t) for t in problem.thoughts)
         report.problems_with_thought += any(problem.thoughts)
-        errors = causality_errors(problem.question, problem.chunks, steps, placed)
         for layout in ("stream", "read_then_think"):
             ep = protocol.gold(problem, layout)
             parsed = ep.parsed
@@ -388,11 +416,12 @@ def gold_report(path: str | Path, protocol) -> GoldReport:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python data.py FILE [FILE...]`: the streaming gold report of GSM8K files; exit status 1
-    when a problem fails its checks."""
-    ap = ArgumentParser(description="How much of the gold reasoning of GSM8K files streams, and "
-                                    "whether every gold episode is valid and causal.")
-    ap.add_argument("files", nargs="+", help="GSM8K JSON lines files")
+    """`python data.py FILE [FILE...]`: the streaming gold report of GSM8K or StreamingThinker
+    files; exit status 1 when a problem fails its checks."""
+    ap = ArgumentParser(description="How much of the gold reasoning of GSM8K or StreamingThinker "
+                                    "files streams, and whether every gold episode is valid "
+                                    "(and, for GSM8K, causal).")
+    ap.add_argument("files", nargs="+", help="GSM8K JSON lines or StreamingThinker JSON files")
     args = ap.parse_args(argv)
     # Bytes and the markers are all a tokenizer needs to build and parse gold episodes.
     protocol = Protocol(train_bpe([], 256 + len(MARKERS), special_tokens=MARKERS))

@@ -25,11 +25,26 @@ Design decisions
 * The metrics log keeps history exact: a job that (re)starts at step s drops its own lines after
   s (a run killed after its last checkpoint logged steps it will log again); a partial last line
   (what SIGKILL or a full disk leaves) is ignored when read and dropped when truncated.
+* A directory holds only what the run wrote. A fresh run starts in a new or empty directory, or
+  in one of its own runs (a config.json of this program); there, without ``--overwrite`` it is
+  refused, and with it each name it is about to write is first checked to be the run's own
+  (``foreign``: a model directory holds only what save_checkpoint writes, eval.json is an
+  evaluation record, a plot was drawn by matplotlib, ...). Anything else is refused, by name,
+  even with ``--overwrite``: nothing is ever deleted that the program cannot tell it wrote.
+* A model directory is never a run directory, a single run's directory never a multi-seed
+  run's, and the other way round (``check_out``): each would replace the other's config.json or
+  eval.json.
+* Numbers written are finite: an infinity in a JSON file or a metrics line stops the run with
+  one line naming the file and the key. NaN is this project's "unknown" (a skip rate on a data
+  set without irrelevant chunks, a curve that never got halfway) and is written as such.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -46,29 +61,219 @@ RESUMABLE = {"resume", "overwrite", "threads", "log_every", "save_every", "devic
 # What a run writes at the top of its directory, besides one directory per job.
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "eval.json", "traces.md",
              "curves.png", "timeline.png")
+# What a multi-seed run (--seeds) writes at the top of its directory, besides seed<S>/.
+SEEDS_FILES = ("eval.json", "compare.png")
+# What save_checkpoint writes in a model directory (trainer.pt: the checkpoint's trainer state).
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "trainer.pt")
+# Fields every metrics line has (train.py's training loop writes them).
+METRIC_FIELDS = ("job", "stage", "step")
+SEED_DIR = re.compile(r"seed(\d+)")
+
+
+def _non_finite(obj, where: str = ""):
+    """(key path, value) of the first infinity in a JSON-able object, or None."""
+    if isinstance(obj, float) and math.isinf(obj):
+        return where or "the value", obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        if found := _non_finite(value, f"{where}.{key}" if where else str(key)):
+            return found
+    return None
+
+
+def _dumps(path: Path, obj, **kw) -> str:
+    """JSON text of ``obj``; an infinity (an overflowed number: never a result) is a UserError
+    naming the file and the key, and nothing is written."""
+    if found := _non_finite(obj):
+        raise UserError(f"{path}: {found[0]} is {found[1]}, not a finite number (a reward or "
+                        "metric overflowed: lower --alpha/--beta?); nothing was written")
+    return json.dumps(obj, default=str, **kw)
 
 
 def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+    """Write JSON atomically (temporary file, then rename); infinities are refused (``_dumps``)."""
+    text = _dumps(path, obj, indent=2) + "\n"
     tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")    # parallel seeds share OUT/
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def read_json_lines(path: Path) -> list[dict]:
-    """The records of a JSON-lines log; a partial last line (a killed writer's) is ignored."""
+def read_json_lines(path: Path, fields=METRIC_FIELDS) -> list[dict]:
+    """The records of a JSON-lines log, each an object with ``fields``; a partial last line (a
+    killed writer's) is ignored."""
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
     records = []
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break
             raise UserError(f"{path}:{i + 1}: not a JSON line (the metrics log is damaged)") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{i + 1}: not a JSON object (the metrics log is damaged)")
+        if missing := [f for f in fields if f not in record]:
+            raise UserError(f"{path}:{i + 1}: field '{missing[0]}' is missing (the metrics log "
+                            "is damaged)")
+        records.append(record)
     return records
+
+
+def read_config(path: Path) -> dict:
+    """A config.json (a run's or a model's); a truncated or non-object file is a UserError."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read JSON ({e}); the file is damaged") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def config_kind(config: dict) -> str | None:
+    """"run" for a config.json of train.py, "model" for a model's (Hugging Face), else None."""
+    if {"stage", "seed", "sft_steps", "rl_steps", "lam"} <= set(config):
+        return "run"
+    if "architectures" in config or "model_type" in config:
+        return "model"
+    return None
+
+
+def dir_kind(path: Path) -> str | None:
+    """What a directory is: "run" (a config.json of train.py), "model" (a model's config.json),
+    "seeds" (seed<S>/ run directories of a multi-seed run), "other" (anything else that is not
+    empty), or None (missing or empty)."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (path / "config.json").is_file():
+        kind = config_kind(_try_config(path / "config.json"))
+        if kind:
+            return kind
+    names = [p for p in path.iterdir() if p.name != "lock"]
+    if any(SEED_DIR.fullmatch(p.name) and dir_kind(p) == "run" for p in names):
+        return "seeds"
+    return "other" if names else None
+
+
+def run_models(path: Path) -> list[Path]:
+    """The model directories in a run directory (one per job, then the checkpoint)."""
+    models = [p for p in sorted(Path(path).iterdir()) if p.is_dir() and p.name != "checkpoint"
+              and (p / "config.json").is_file() and dir_kind(p) == "model"]
+    return models + ([Path(path) / "checkpoint"] if dir_kind(Path(path) / "checkpoint") == "model" else [])
+
+
+def check_model_path(option: str | None, model: str) -> None:
+    """A model path (of ``option``, if it came from one) that is empty or a run directory (not a
+    model) is refused, naming the models inside the run."""
+    where = f"option {option} {model}" if option else model
+    if not model.strip():
+        raise UserError(f"option {option} is empty: give a checkpoint directory, a .gguf file or "
+                        "smollm2" if option else "the model path is empty")
+    path = Path(model)
+    kind = dir_kind(path) if path.is_dir() else None
+    if kind in ("run", "seeds"):
+        inside = run_models(path) if kind == "run" else [
+            m for p in sorted(path.iterdir()) if SEED_DIR.fullmatch(p.name) for m in run_models(p)]
+        raise UserError(f"{where} is a run directory of train.py, not a model; "
+                        + (f"its models: {', '.join(str(m) for m in inside)}" if inside
+                           else "it holds no trained model yet"))
+
+
+def file_digest(path) -> str:
+    """sha256 of a file's bytes: what identifies a data file in config.json."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_out(out: str) -> Path:
+    """--out as an absolute path; an empty --out or a symbolic-link loop is a UserError."""
+    if not out.strip():
+        raise UserError("option --out is empty: give the run directory (default runs/default)")
+    try:
+        return Path(out).resolve()
+    except (RuntimeError, OSError):        # RuntimeError: Python < 3.13's "Symlink loop"
+        raise UserError(f"option --out {out}: a symbolic link loop") from None
+
+
+def check_out(out: str, seeds: list[int] | None) -> None:
+    """The --out of a run (fresh or resumed) is not a model directory nor inside one, and holds
+    the kind of run that this one is: a single run's directory is never a multi-seed run's
+    (``seeds``), nor the other way round."""
+    resolved = resolve_out(out)
+    for parent in [resolved, *resolved.parents]:
+        if parent.is_dir() and (parent / "config.json").is_file() and dir_kind(parent) == "model":
+            where = "is" if parent == resolved else f"is inside {parent}, which is"
+            raise UserError(f"option --out {out} {where} a model directory (its config.json is a "
+                            "model's), not a run directory; give another --out")
+    kind = dir_kind(Path(out))
+    if seeds is not None and kind == "run":
+        raise UserError(f"option --seeds: --out {out} holds a single run (its config.json); a "
+                        "multi-seed run writes seed<S>/ and eval.json there: give another --out")
+    if seeds is None and kind == "seeds":
+        names = sorted(p.name for p in Path(out).iterdir() if SEED_DIR.fullmatch(p.name))
+        raise UserError(f"option --out {out} holds a multi-seed run ({', '.join(names)}); "
+                        "name the seeds with --seeds, or give another --out")
+    if seeds is not None:                  # the top of a multi-seed run: its summary, its seeds
+        for name in os.listdir(out) if kind else []:
+            target = Path(out) / name
+            if SEED_DIR.fullmatch(name) and target.is_dir() and not target.is_symlink():
+                continue
+            if name not in SEEDS_FILES or foreign(target):
+                raise UserError(f"option --out {out} holds {target}, which a multi-seed run does "
+                                "not write: it starts in a new or empty directory, or in one of "
+                                "its own")
+
+
+def foreign(target: Path) -> str | None:
+    """Why ``target``, a name that a run writes, is not what this program wrote there, or None
+    when it is (so that --overwrite may remove it)."""
+    name = target.name
+    if target.is_symlink():
+        return "is a symbolic link (this program writes none)"
+    if target.is_dir():                      # checkpoint/ or a job's model: save_checkpoint's
+        extra = sorted(p.name for p in target.iterdir() if p.name not in MODEL_FILES or not p.is_file())
+        if extra:
+            return f"holds {extra[0]}, which this program does not write in a model directory"
+        config = target / "config.json"
+        if config.exists() and config_kind(_try_config(config)) != "model":
+            return "has a config.json that is not a model's"
+        return None
+    if name == "config.json":
+        return None if config_kind(_try_config(target)) == "run" else "is not a config.json of train.py"
+    if name == "metrics.jsonl":
+        try:
+            read_json_lines(target)
+        except (UserError, UnicodeDecodeError):
+            return "is not a metrics log of train.py"
+        return None
+    if name == "eval.json":
+        record = _try_config(target)
+        return None if "methods" in record or "per_seed" in record else "is not an evaluation of train.py"
+    if name == "traces.md":
+        with open(target, "rb") as f:
+            return None if f.read(40).startswith(b"# One held-out problem per method") else \
+                "is not a traces.md of train.py"
+    if name.endswith(".png"):
+        with open(target, "rb") as f:
+            head = f.read(256)
+        return None if head.startswith(b"\x89PNG") and b"Matplotlib" in head else \
+            "is not a plot this program drew"
+    return "is not a file this program writes"
+
+
+def _try_config(path: Path) -> dict:
+    try:
+        return read_config(path)
+    except UserError:
+        return {}
 
 
 def _alive(pid: int) -> bool:
@@ -134,39 +339,63 @@ class RunDir:
 
     # -- what made it ------------------------------------------------------------------------
     def holds_run(self) -> bool:
-        return (self.path / "config.json").exists()
+        """A config.json of train.py is here (a model's config.json is not a run's)."""
+        return dir_kind(self.path) == "run"
+
+    def config(self) -> dict:
+        return read_config(self.path / "config.json")
 
     def check_resume(self, config: dict) -> None:
         """Refuse to resume with an option that shapes what is trained set otherwise than in the
-        directory's config.json (one line: the option, its old and its new value)."""
-        old = json.loads((self.path / "config.json").read_text())
-        for key, value in config.items():
-            if key in RESUMABLE or old.get(key, value) == value:
-                continue
-            raise UserError(f"option --{key.replace('_', '-')} = {_show(value)} differs from the "
-                            f"run in {self.path} ({_show(old[key])}); --resume continues a run "
-                            "as it was started (only " + ", ".join(
-                                f"--{k.replace('_', '-')}" for k in sorted(RESUMABLE - {"resume", "out", "overwrite", "preset", "seeds"}))
-                            + " may change)")
+        directory's config.json: one line listing every such option, its new and its old value."""
+        old = self.config()
+        differ = {key: (value, old[key]) for key, value in config.items()
+                  if key not in RESUMABLE and key in old and old[key] != value}
+        if differ:
+            raise UserError(differences(differ, self.path))
 
-    def start_fresh(self, writes: list[str], overwrite: bool) -> None:
-        """Make room for a fresh run that writes ``writes`` (names in the directory): refuse if a
-        run is here and ``overwrite`` is off; else remove those names only."""
-        if not self.main:
+    def check_fresh(self, writes: list[str], overwrite: bool) -> None:
+        """A fresh run that writes ``writes`` (names in the directory) may start here: the
+        directory is new or empty, or holds one of this program's runs; there, only with
+        ``overwrite``, and only where every one of those names that exists is the run's own."""
+        kind = dir_kind(self.path)
+        if kind is None:
             return
-        here = [name for name in writes if (self.path / name).exists()]
-        if self.holds_run() and not overwrite:
+        if kind != "run":
+            what = {"model": "is a model directory, not a run directory",
+                    "seeds": "holds a multi-seed run (seed<S>/); name its seeds with --seeds"}.get(
+                kind, "is not empty and holds no run of train.py (no config.json of one)")
+            raise UserError(f"option --out: {self.path} {what}: a fresh run starts in a new or "
+                            "empty directory, or in one of its own runs; give another --out")
+        here = [name for name in writes if (self.path / name).exists() or (self.path / name).is_symlink()]
+        for name in here:
+            if reason := foreign(self.path / name):
+                raise UserError(f"option --out: {self.path / name} {reason}; a fresh run would "
+                                "replace it (even --overwrite removes only what this program "
+                                "wrote): move it away, or give another --out")
+        if not overwrite:
             raise UserError(f"option --out: {self.path} already holds a run; --resume continues "
                             "it, --overwrite replaces its " + (", ".join(here) or "files"))
-        for name in here:
+
+    def start_fresh(self, writes: list[str], overwrite: bool) -> None:
+        """Make room for a fresh run that writes ``writes`` (names in the directory): refuse
+        where ``check_fresh`` does; else remove those names only."""
+        if not self.main:
+            return
+        self.check_fresh(writes, overwrite)
+        for name in writes:
             target = self.path / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
 
     # -- the metrics log ---------------------------------------------------------------------
     def log(self, record: dict) -> None:
         if self.main:
+            line = _dumps(self.metrics, record) + "\n"        # an infinity: refused, not logged
             with open(self.metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(line)
 
     def records(self) -> list[dict]:
         return read_json_lines(self.metrics)
@@ -222,6 +451,16 @@ class StopFlag:
         if self.verbose:
             print("\nstopping: finishing this step, saving a checkpoint, then exiting "
                   "(Ctrl-C again to quit without saving)", flush=True)
+
+
+def differences(differ: dict, path: Path) -> str:
+    """The one line that refuses a resume: every option that differs, its new and old value."""
+    may = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(
+        RESUMABLE - {"resume", "out", "overwrite", "preset", "seeds"}))
+    items = [f"--{key.replace('_', '-')} = {_show(new)} ({_show(old)})" for key, (new, old) in differ.items()]
+    head = f"option {items[0]}" if len(items) == 1 else f"options {', '.join(items)}"
+    return (f"{head} differ{'s' if len(items) == 1 else ''} from the run in {path} (its value in "
+            f"brackets); --resume continues a run as it was started (only {may} may change)")
 
 
 def _show(value) -> str:

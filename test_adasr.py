@@ -1997,12 +1997,12 @@ def test_nothing_deletes_what_the_run_did_not_make(tmp_path):
         train.main(_sft_run(out))
     for stage, model, target in [("eval", out / "sft", out / "sft"), ("rl", out / "hrpo", out)]:
         with pytest.raises(UserError, match="a path that the run in --out"):
-            train.main(TINY_RUN + ["--stage", stage, "--model", str(model), "--out", str(target),
-                                   "--overwrite"])
+            train.main(_from_model(TINY_RUN) + ["--stage", stage, "--model", str(model),
+                                                "--out", str(target), "--overwrite"])
     assert {p: p.read_bytes() for p in (out / "sft").iterdir()} == before
     metrics = (out / "metrics.jsonl").read_bytes()
-    train.main(TINY_RUN + ["--stage", "eval", "--model", str(out / "sft"), "--out", str(out),
-                           "--overwrite"])
+    train.main(_from_model(TINY_RUN) + ["--stage", "eval", "--model", str(out / "sft"),
+                                        "--out", str(out), "--overwrite"])
     assert (out / "metrics.jsonl").read_bytes() == metrics and (out / "checkpoint" / "trainer.pt").exists()
     assert {p: p.read_bytes() for p in (out / "sft").iterdir()} == before
     assert json.loads((out / "eval.json").read_text())["methods"].keys() == {"model"}
@@ -2273,6 +2273,227 @@ def test_dynamic_sampling_refills_until_the_batch_has_signal():
                                                        lambda r: [False] * (len(r) // G))
     assert kept == [] and generated == 12 and len(episodes) == 24     # stopped by the cap
     assert [first for first, _ in rounds] == [0, 4, 8]
+
+
+# --- nothing lost, nothing ignored: a run directory holds only what the run wrote (issue 32)
+
+TINY_OPTIONS = {"--tiny-dim", "--tiny-layers", "--vocab"}
+
+
+def _from_model(args):
+    """``args`` without the options of the tiny model from scratch (a --model brings its own)."""
+    return [a for i, a in enumerate(args) if a not in TINY_OPTIONS and args[i - 1] not in TINY_OPTIONS]
+
+
+def _refused(argv, *substrings):
+    """parse_args refuses ``argv`` with one UserError holding every substring."""
+    from cli import UserError
+    from train import parse_args
+    with pytest.raises(UserError) as e:
+        parse_args(argv)
+    for s in substrings:
+        assert s in str(e.value), (s, str(e.value))
+    return str(e.value)
+
+
+def _tree(path):
+    """Every file under ``path`` with its bytes: to see that nothing changed."""
+    return {p: p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+def test_a_fresh_run_replaces_only_what_it_wrote(tmp_path):
+    """A fresh run refuses a non-empty --out that holds no run of its own, with or without
+    --overwrite; over its own run, --overwrite removes only names it writes, each checked to be
+    what it wrote: a user's file inside sft/ or a user's eval.json is refused by name."""
+    import train
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        _refused(_sft_run(mine, *extra), "holds no run of train.py")
+    assert _tree(mine) == {mine / "notes.txt": b"mine"}
+    _refused(["--out", str(REPO / "docs"), "--overwrite"], "docs", "holds no run")
+    out = tmp_path / "run"
+    train.main(_sft_run(out))
+    (out / "sft" / "notes.txt").write_text("mine")
+    before = _tree(out)
+    _refused(_sft_run(out, "--overwrite"), f"{out / 'sft'} holds notes.txt", "--overwrite")
+    (out / "sft" / "notes.txt").unlink()
+    (out / "eval.json").write_text('{"my": "results"}')
+    before = _tree(out)
+    _refused(_sft_run(out, "--overwrite"), f"{out / 'eval.json'} is not an evaluation")
+    assert _tree(out) == before
+    (out / "eval.json").unlink()
+    (out / "keep.txt").write_text("mine")                   # a name the run does not write
+    train.main(_sft_run(out, "--overwrite"))
+    assert (out / "keep.txt").read_text() == "mine" and (out / "sft" / "model.safetensors").exists()
+
+
+def test_a_model_directory_is_never_a_run_directory(tmp_path):
+    """--out a model directory (fresh or --resume) is refused and leaves it byte-identical; a
+    multi-seed run over a single run's directory, and the other way round, is refused."""
+    import shutil
+    out = tmp_path / "run"
+    import train
+    train.main(_sft_run(out))
+    model = _tree(out / "sft")
+    for extra in ([], ["--resume"], ["--overwrite"]):
+        _refused(_sft_run(out / "sft", *extra), "is a model directory")
+    _refused(_sft_run(out / "sft" / "inside"), "inside", "a model directory")
+    assert _tree(out / "sft") == model
+    assert load_pretrained(out / "sft")[0] is not None
+    _refused(_sft_run(out, "--seeds", "2"), "holds a single run")
+    _refused(_sft_run(out, "--seeds", "2", "--resume"), "holds a single run")
+    seeds = tmp_path / "seeds"
+    shutil.copytree(out, seeds / "seed0")
+    _refused(_sft_run(seeds), "holds a multi-seed run", "seed0")
+    _refused(_sft_run(seeds, "--overwrite"), "holds a multi-seed run")
+
+
+def test_resume_takes_its_options_from_config_json_and_notices_changed_data(tmp_path, capsys):
+    """`--resume --out R` alone continues R with its options; options given must agree, and all
+    that differ are listed in one line; a data file changed since the run started is refused."""
+    import hashlib
+    import train
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(open(DATA / "gsm8k" / "test.jsonl").readlines()[:10]))
+    out = tmp_path / "run"
+    args = [a for a in _sft_run(out) if a != "--n-train" and a != "64"]
+    train.main(args + ["--data", str(data), "--n-eval", "2", "--sft-steps", "2"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    capsys.readouterr()
+    train.main(["--resume", "--out", str(out)])
+    assert "every method already evaluated" in capsys.readouterr().out
+    from train import parse_args
+    resumed = parse_args(["--resume", "--out", str(out), "--threads", "1"])
+    assert (resumed.data, resumed.sft_steps, resumed.tiny_dim, resumed.threads) == (str(data), 2, 32, 1)
+    line = _refused(["--resume", "--out", str(out), "--sft-lr", "0.03", "--seed", "1"],
+                    "options --seed = 1 (0), --sft-lr = 0.03 (0.003) differ")
+    assert "\n" not in line
+    data.write_text("".join(open(DATA / "gsm8k" / "test.jsonl").readlines()[:9]))
+    _refused(["--resume", "--out", str(out)], "--data", "changed since the run", "started")
+
+
+def test_an_option_the_run_would_not_obey_is_refused_with_the_reason():
+    from train import parse_args
+    _refused(["--layout", "read_then_think"], "--layout read_then_think", "--stage sft")
+    _refused(["--layout", "read_then_think", "--stage", "rl", "--model", "m"], "--layout")
+    for option in ("--tiny-dim", "--tiny-layers", "--vocab"):
+        _refused(["--model", "m", option, "384" if option == "--vocab" else "16"],
+                 f"option {option}", "--model")
+    _refused(["--seed", "3", "--seeds", "1"], "--seed", "--seeds 3,")
+    _refused(["--data", str(DATA / "gsm8k" / "test.jsonl"), "--n-train", "10"], "--n-train", "--data")
+    assert parse_args(["--preset", "long", "--model", "m"]).tiny_dim == 192   # a preset's: not given
+    assert parse_args(["--layout", "read_then_think", "--stage", "sft"]).layout == "read_then_think"
+
+
+def test_non_finite_values_are_refused_and_never_written(tmp_path):
+    from cli import UserError
+    from rundir import RunDir, write_json
+    for option in ("--temperature", "--wpm", "--decode-tps", "--alpha", "--beta", "--sft-lr",
+                   "--rl-lr", "--eps-low", "--eps-high", "--kl-beta"):
+        for value in ("inf", "nan", "-inf"):
+            _refused([f"{option}={value}"], f"option {option} = {value}")
+    _refused(["--lam", "0,inf"], "option --lam = 0,inf", "finite")
+    _refused(["--alpha", "1e308"], "option --alpha = 1e308", "[0, 100]")
+    with pytest.raises(UserError, match=r"eval.json: methods.hrpo.reward is -inf"):
+        write_json(tmp_path / "eval.json", {"methods": {"hrpo": {"reward": float("-inf")}}})
+    assert not (tmp_path / "eval.json").exists()
+    write_json(tmp_path / "eval.json", {"methods": {"sft": {"skip_rate_irrelevant": float("nan")}}})
+    with pytest.raises(UserError, match=r"metrics.jsonl: reward is inf"):
+        RunDir(tmp_path).log({"job": "hrpo", "stage": "rl", "step": 1, "reward": float("inf")})
+
+
+def test_integer_weights_and_run_directories_are_not_models(ckpt, tmp_path):
+    from cli import CheckpointError, UserError
+    _edit_tensors(ckpt, lambda sd: sd.update({"model.norm.weight": sd["model.norm.weight"].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=r"tensor 'model.norm.weight' has dtype torch.int32"):
+        load_pretrained(ckpt)
+    run = tmp_path / "run"
+    (run / "hrpo").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"stage": "all", "seed": 0, "sft_steps": 1,
+                                                 "rl_steps": 1, "lam": [0.25]}))
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (run / "hrpo" / name).write_bytes((tmp_path / "ckpt" / name).read_bytes())
+    with pytest.raises(UserError, match=f"is a run directory of train.py, not a model; its models: {run / 'hrpo'}"):
+        load_pretrained(run)
+    _refused(["--stage", "eval", "--model", str(run)], "option --model", "run directory", str(run / "hrpo"))
+    _refused(["--model", ""], "option --model is empty")
+    _refused(["--out", ""], "option --out is empty")
+    with pytest.raises(CheckpointError, match="model path is empty"):
+        load_pretrained("")
+
+
+def test_what_raised_a_traceback_is_one_line(tmp_path, monkeypatch, capsys):
+    """A symbolic-link loop as --out, a damaged config.json of a run being resumed (and in
+    tools.phase_errors), a metrics line without its job, a seed the generator cannot take,
+    --threads far above the cores; under torchrun only rank 0 prints the error."""
+    import cli
+    from cli import UserError
+    from rundir import RunDir
+    from tools import phase_errors
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    _refused(["--out", str(tmp_path / "a")], "symbolic link loop")
+    run = tmp_path / "run"
+    run.mkdir()
+    for text in ('{"stage": "all", "se', "[1, 2]"):
+        (run / "config.json").write_text(text)
+        _refused(["--resume", "--out", str(run)], "config.json")
+        with pytest.raises(UserError, match="config.json"):
+            phase_errors.main([str(run)])
+    (run / "metrics.jsonl").write_text('{"stage": "rl", "step": 1}\n{"job": "hrpo"}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl:1: field 'job' is missing"):
+        RunDir(run).records()
+    _refused(["--seed", str(2 ** 64)], "--seed", "2**32")
+    _refused(["--seeds", f"{2 ** 64},"], "--seeds", "2**32")
+    _refused(["--threads", "100000"], "--threads = 100000", "cores")
+
+    def bad():
+        raise UserError("option --x = 1 must be 2")
+    for rank, printed in (("1", ""), ("0", "error: option --x = 1 must be 2\n")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            cli.run_cli(bad)
+        assert e.value.code == 2 and capsys.readouterr().err == printed
+
+
+def test_messages_name_the_real_cause(tmp_path, monkeypatch, capsys):
+    """A full disk names the checkpoint's file and leaves no temporary directory; data.py says
+    what a device or a directory is and checks a StreamingThinker file; <EOF> is no marker of
+    ours; --help shows every option's default, once."""
+    import errno
+    import checkpoint
+    import data as D
+    from options import build_parser
+    tok = train_bpe(["a b"], 300, ["<EOT>"])
+    model = small_model(vocab=tok.vocab_size)
+
+    def full(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(OSError) as e:
+        save_checkpoint(model, tok, tmp_path / "checkpoint", extra={"trainer.pt": {}})
+    assert e.value.filename == str(tmp_path / "checkpoint" / "trainer.pt")
+    assert [p.name for p in tmp_path.iterdir()] == []
+    for path, what in (("/dev/null", "not a regular file"), (str(tmp_path), "is a directory")):
+        with pytest.raises(DataError, match=what):
+            D.main([path])
+    D.main([str(DATA / "streamingthinker" / "example_D2.json")])
+    assert "2 problems (StreamingThinker)" in capsys.readouterr().out
+    assert D.marker_in("Tom has 5 <EOF> pens.") is None and D.marker_in("a <EOI> b") == "<EOI>"
+    assert D.marker_in("a <|im_end|> b", special=["<|im_end|>"]) == "<|im_end|>"
+    parser = build_parser()
+    text, formatter = " ".join(parser.format_help().split()), parser._get_formatter()
+    shown = [a.dest for a in parser._actions if a.option_strings and a.dest != "help"
+             and "(default: %(default)s)" in formatter._get_help_string(a)]
+    assert {"seed", "sft_steps", "sft_lr", "rl_steps", "rl_lr", "eps_low", "tiny_dim", "log_every",
+            "threads", "device", "group"} <= set(shown)
+    assert text.count("(default: 0)") >= 1 and "--seed SEED seed of" in text
+    task = text[text.index("--task {", text.index("model and data:")):text.index("--n-train N_TRAIN synthetic")]
+    assert "default" not in task.replace("without it: you", "")
+
 
 
 # =============================================================================================

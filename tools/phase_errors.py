@@ -20,7 +20,6 @@ tokens. Only synthetic tasks have a carried state to check, so ``--data`` runs a
 """
 from __future__ import annotations
 
-import json
 from argparse import Namespace
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from adasr import Episode, Protocol
 from checkpoint import load_pretrained
 from cli import ArgumentParser, UserError, run_cli
 from rewards import state_right
+from rundir import config_kind, read_config
 from rollout import rollout
 from train import load_data
 
@@ -59,7 +59,10 @@ def main(argv=None) -> None:
     config_file = run / "config.json"
     if not config_file.is_file():
         raise UserError(f"{config_file}: not found (give the directory of one seed's run)")
-    config = json.loads(config_file.read_text())
+    config = read_config(config_file)         # a truncated or non-object file: one line
+    if config_kind(config) != "run":
+        raise UserError(f"{config_file}: not a config.json of train.py (give the directory of "
+                        "one seed's run)")
     if config.get("data"):
         raise UserError(f"{config_file}: field data = {config['data']!r}: only synthetic tasks "
                         "have a carried state to check")
