@@ -29,8 +29,8 @@ from adasr import LAYOUTS, MARKERS, Protocol
 from cli import (ArgumentParser, DefaultsHelpFormatter, UserError, at_least, check_device,
                  check_options, checked, number_list, positive)
 from data import check_data_file
-from hrpo import HRPOConfig
-from rewards import STREAM_CREDITS, RewardConfig
+from hrpo import CREDITS, HRPOConfig
+from rewards import REWARD_TERMS, STREAM_CREDITS, RewardConfig
 from rundir import (RESUMABLE, RUN_FILES, SEED_DIR, RunDir, check_model_path, check_out, config_kind,
                     differences, dir_kind, file_digest, read_config, resolve_out)
 from tasks import TASKS
@@ -46,6 +46,13 @@ PRESETS = {
     # gold within the budget, twice the SFT steps (the deep phase's copy of the question's change
     # forms late), RL at half the default rate (docs/results.md, "The harder task").
     "long": dict(task="long", budget=256, tiny_dim=192, sft_steps=1200, rl_lr=5e-5),
+}
+# The paper's other tables in miniature: the options that train and evaluate their rows, each
+# against the same SFT model and with common random numbers (docs/results.md).
+TABLES = {
+    "granularity": dict(lam="0,0.25", credit="stage,chunk,boundary"),
+    "rewards": dict(lam="0.25", rewards="acc,acc+fmt,all"),
+    "ood": dict(lam="0,0.25", eval_tasks="named,long,recover,silent"),
 }
 EPS_LOW = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 NON_NEGATIVE = checked(float, lambda v: v >= 0, "at least 0")
@@ -73,6 +80,9 @@ def build_parser() -> ArgumentParser:
                        formatter_class=DefaultsHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="run directory")
+    g.add_argument("--table", choices=sorted(TABLES),
+                   help="the jobs of one of the paper's tables, paired (explicit options still "
+                        "win): " + "; ".join(f"{k}: {v}" for k, v in TABLES.items()))
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="a named set of defaults (explicit options still win): " +
                         "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
@@ -121,6 +131,10 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--n-train", type=at_least(1), default=6000,
                    help="synthetic training problems (not with --data)")
     g.add_argument("--n-eval", type=at_least(1), default=200, help="held-out problems")
+    g.add_argument("--eval-tasks", default=None,
+                   help="also evaluate every model, untrained on them, on these synthetic tasks' "
+                        "held-out problems or data files (a list: named,long,data/gsm8k/test.jsonl)"
+                        "; the paper's out-of-distribution table")
     g = p.add_argument_group("SFT")
     g.add_argument("--layout", default="stream", choices=LAYOUTS,
                    help="layout of the gold trajectories (--stage sft) / of the model (--stage eval)")
@@ -140,6 +154,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--rl-lr", type=positive(), default=1e-4, help="RL learning rate (constant)")
     g.add_argument("--lam", default=str(hcfg.lam),
                    help="local/global balance λ of HRPO; a list (0,0.5,1) trains one RL job each")
+    g.add_argument("--credit", default=hcfg.credit,
+                   help="where HRPO's phase advantages act: " + ", ".join(CREDITS) + " (hrpo.py); "
+                        "a list trains one RL job each (the paper's granularity table)")
     g.add_argument("--eps-low", type=EPS_LOW, default=hcfg.eps_low, help="lower clip range of the ratio")
     g.add_argument("--eps-high", type=NON_NEGATIVE, default=hcfg.eps_high,
                    help="upper clip range of the ratio (DAPO's clip-higher)")
@@ -152,6 +169,9 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("rewards and clock")
     g.add_argument("--alpha", type=COST, default=rcfg.alpha, help="cost of a residual token, per T")
     g.add_argument("--beta", type=COST, default=rcfg.beta, help="cost of a streaming token, per T")
+    g.add_argument("--rewards", default=rcfg.terms,
+                   help="the rewards RL trains on: " + ", ".join(REWARD_TERMS) + " (rewards.py); a "
+                        "list trains one RL job each (the paper's reward table)")
     g.add_argument("--stream-credit", default=rcfg.stream_credit, choices=STREAM_CREDITS,
                    help="success in HRPO's streaming reward R^s: the answer's, or the carried "
                         "state's (synthetic tasks; an experiment, docs/results.md)")
@@ -168,6 +188,8 @@ def parse_args(argv=None):
     known, _ = p.parse_known_args(argv)
     if known.preset:
         p.set_defaults(**PRESETS[known.preset])
+    if known.table:
+        p.set_defaults(**TABLES[known.table])
     args = p.parse_args(argv)
     given = given_options(argv)
     normalise(args)
@@ -189,9 +211,12 @@ def given_options(argv) -> set[str]:
 
 
 def normalise(args) -> None:
-    """--lam and --seeds from their text to lists."""
+    """--lam, --credit, --rewards, --eval-tasks and --seeds from their text to lists."""
     if isinstance(args.lam, str):
         args.lam = number_list("--lam", args.lam, float)
+    for option in ("credit", "rewards", "eval_tasks"):
+        if isinstance(getattr(args, option), str):
+            setattr(args, option, list(dict.fromkeys(getattr(args, option).split(","))))
     if isinstance(args.seeds, str):    # "N" is seeds 0..N-1, "S," (any list) is those seeds
         seeds = number_list("--seeds", args.seeds, int)
         if "," not in args.seeds and seeds[0] < 1:
@@ -246,6 +271,14 @@ def check_args(args, given: set[str] = frozenset()) -> None:
          "positive for RL (greedy samples of a group would all be equal)"),
         ("--stream-credit", args.stream_credit == "answer" or args.data is None,
          "answer with --data (only the synthetic tasks have a carried state to check)"),
+        ("--credit", set(args.credit) <= set(CREDITS), "a list of " + ", ".join(CREDITS)),
+        ("--credit", "chunk" not in args.credit or args.data is None,
+         "stage or boundary with --data (a reward per chunk needs a synthetic task's relevance "
+         "and carried state)"),
+        ("--rewards", set(args.rewards) <= set(REWARD_TERMS), "a list of " + ", ".join(REWARD_TERMS)),
+        ("--eval-tasks", args.eval_tasks is None or all(t in TASKS or Path(t).is_file()
+                                                        for t in args.eval_tasks),
+         "a list of synthetic tasks (" + ", ".join(TASKS) + ") or data files"),
         ("--mini-batches", args.mini_batches <= args.rl_batch,
          f"between 1 and --rl-batch ({args.rl_batch}): a mini-batch holds whole groups"),
     ])
@@ -364,24 +397,31 @@ def check_own_model(args, run: RunDir) -> None:
 @dataclass
 class Job:
     """One model to train: ``kind`` sft or rl, on ``layout``, starting from the final model of job
-    ``start`` (None: the run's start model), with HRPO's ``lam`` (0 = GRPO) for RL."""
+    ``start`` (None: the run's start model); for RL, HRPO's ``lam`` (0 = GRPO), ``credit`` and
+    the reward ``terms``."""
     name: str
     kind: str
     layout: str = "stream"
     start: str | None = None
     lam: float | None = None
+    credit: str = "stage"
+    terms: str = "all"
 
 
-def rl_jobs(lams: list[float], start: str | None) -> list[Job]:
-    """One RL job per λ: "grpo" for 0, "hrpo" for the default λ or the only one given,
-    "hrpo_lam0.5" for the others of a sweep (so that a sweep's runs line up with a comparison's)."""
+def rl_jobs(lams: list[float], credits: list[str], terms: list[str], start: str | None) -> list[Job]:
+    """One RL job per (λ, credit, rewards): "grpo" for λ = 0 (where every credit is GRPO, so only
+    one), "hrpo" for the default λ or the only one given, "hrpo_lam0.5" for the others of a sweep;
+    then "_chunk" / "_boundary" for a credit other than stage, "_acc" / "_accfmt" for rewards
+    other than all (names that line up across runs of one table)."""
     positive_lams = [x for x in lams if x > 0]
 
-    def name(x):
-        if x == 0:
-            return "grpo"
-        return "hrpo" if x == HRPOConfig.lam or len(positive_lams) == 1 else f"hrpo_lam{x:g}"
-    return [Job(name(x), "rl", start=start, lam=x) for x in dict.fromkeys(lams)]
+    def name(x, credit, term):
+        base = "grpo" if x == 0 else \
+            "hrpo" if x == HRPOConfig.lam or len(positive_lams) == 1 else f"hrpo_lam{x:g}"
+        return base + ("" if credit == "stage" else f"_{credit}") + \
+            ("" if term == "all" else "_" + term.replace("+", ""))
+    return [Job(name(x, c, t), "rl", start=start, lam=x, credit=c, terms=t)
+            for x in dict.fromkeys(lams) for c in (credits if x > 0 else ["stage"]) for t in terms]
 
 
 def plan(args) -> list[Job]:
@@ -389,10 +429,10 @@ def plan(args) -> list[Job]:
     if args.stage == "sft":
         return [Job("sft" if args.layout == "stream" else "read_then_think", "sft", args.layout)]
     if args.stage == "rl":
-        return rl_jobs(args.lam, None)
+        return rl_jobs(args.lam, args.credit, args.rewards, None)
     if args.stage == "eval":
         return []
     lams = ([0.0] if args.compare and 0 not in args.lam else []) + args.lam
     head = [Job("read_then_think", "sft", "read_then_think")] if args.compare else []
-    return head + [Job("sft", "sft")] + rl_jobs(lams, "sft")
+    return head + [Job("sft", "sft")] + rl_jobs(lams, args.credit, args.rewards, "sft")
 

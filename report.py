@@ -143,13 +143,18 @@ def learning_speed(records: list[dict]) -> dict:
 
 def speedups(methods: dict[str, dict]) -> None:
     """The paper's latency speed-up (in place): for every method, the residual seconds of
-    read-then-think divided by its own, when the run trained read-then-think."""
-    if "read_then_think" not in methods:
-        return
-    rtt = methods["read_then_think"]["residual_latency_s"]
-    for row in methods.values():
-        row["speedup_vs_rtt"] = rtt / row["residual_latency_s"] if row["residual_latency_s"] > 0 \
-            else float("nan")
+    read-then-think on the same problems (a row "name@task" against "read_then_think@task")
+    divided by its own, when the run trained read-then-think."""
+    for name, row in methods.items():
+        rtt = methods.get("read_then_think" + task_of(name))
+        if rtt is not None:
+            row["speedup_vs_rtt"] = rtt["residual_latency_s"] / row["residual_latency_s"] \
+                if row["residual_latency_s"] > 0 else float("nan")
+
+
+def task_of(name: str) -> str:
+    """"hrpo@named" -> "@named": the problems a row was evaluated on ("" for the held-out)."""
+    return name[name.index("@"):] if "@" in name else ""
 
 
 def aggregate(results: dict[int, dict]) -> dict:
@@ -167,14 +172,15 @@ def aggregate(results: dict[int, dict]) -> dict:
     better = {"accuracy": 1, "residual_tokens": -1, "residual_latency_s": -1,
               **{f"auc_{k}": sign for k, sign in SPEED_METRICS.items()},
               **{f"half_{k}": -1 for k in SPEED_METRICS}}       # halfway sooner is faster
-    for name in names:
-        if name == "grpo" or "grpo" not in names or "auc_reward" not in mean[name]:
+    for name in names:                     # every RL row against GRPO's on the same problems
+        grpo = "grpo" + task_of(name)
+        if name == grpo or grpo not in names or name.split("@")[0] in ("sft", "read_then_think"):
             continue
         wins[name] = {}
         for key, sign in better.items():
-            if key not in mean[name] or key not in mean["grpo"]:
+            if key not in mean[name] or key not in mean[grpo]:
                 continue
-            diffs = [sign * (results[s]["methods"][name][key] - results[s]["methods"]["grpo"][key])
+            diffs = [sign * (results[s]["methods"][name][key] - results[s]["methods"][grpo][key])
                      for s in seeds]
             wins[name][key] = {"wins": sum(x > 0 for x in diffs), "ties": sum(x == 0 for x in diffs),
                                "losses": sum(x < 0 for x in diffs)}
@@ -194,10 +200,41 @@ def _sd(xs: list[float]) -> float:
     return math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
+# The paper's table: accuracy and lengths, each with its change against SFT on the same problems.
+PAPER = [("accuracy", "Acc", "{:.3f}"), ("stream_tokens", "S.Len", "{:.1f}"),
+         ("deep_tokens", "D.Len", "{:.1f}"), ("total_tokens", "T.Len", "{:.1f}"),
+         ("residual_tokens", "Resid", "{:.1f}"), ("residual_latency_s", "Resid s", "{:.2f}")]
+
+
+def paper_table(methods: dict[str, dict], sd: dict[str, dict] | None = None) -> str:
+    """The paper's table shape, one block per set of problems (held-out, then each other task):
+    every cell the value (± sd over seeds) and its change against SFT's in % as the paper prints
+    it."""
+    lines = []
+    for task in dict.fromkeys(task_of(n) for n in methods):
+        rows = [n for n in methods if task_of(n) == task]
+        base = methods.get("sft" + task)
+        lines.append(f"{'method':<20}" + "".join(f"{h:>22}" for _, h, _ in PAPER))
+        for name in rows:
+            cells = []
+            for key, _, fmt in PAPER:
+                v = methods[name].get(key, float("nan"))
+                cell = fmt.format(v) + (f"±{fmt.format(sd[name][key])}" if sd else "")
+                if base is not None and name != "sft" + task and base.get(key):
+                    cell += f" ({100 * (v / base[key] - 1):+.0f}%)"
+                cells.append(cell)
+            lines.append(f"{name:<20}" + "".join(f"{c:>22}" for c in cells))
+        lines.append("")
+    return "\n".join(lines)
+
+
 def print_tables(methods: dict[str, dict], sd: dict[str, dict] | None = None) -> None:
-    """The evaluation table, then for the RL jobs their learning speed: the area under each
-    training curve and the step at which it got halfway (see ``learning_speed``)."""
+    """The evaluation table, the paper's (changes against SFT), then for the RL jobs their
+    learning speed: the area under each training curve and the step at which it got halfway
+    (see ``learning_speed``)."""
     print("\n" + format_table(methods, sd) + "\n")
+    print("as the paper prints it (change against SFT on the same problems):")
+    print(paper_table(methods, sd))
     rl = {k: v for k, v in methods.items() if "auc_reward" in v}
     if rl:
         print("learning speed — area under the training curve (mean over RL steps):")
@@ -232,11 +269,15 @@ def evaluate_run(run, models: dict) -> dict:
     methods, first = {}, {}
     t = time.time()
     for name, (model, layout) in models.items():
-        with run.autocast():
-            methods[name], episodes = evaluate(model, run.protocol, run.held_out, layout, run.rewards)
-        first[name] = episodes[0]
-        print(f"[eval] {name}: acc {methods[name]['accuracy']:.3f}, residual "
-              f"{methods[name]['residual_tokens']:.1f} tokens", flush=True)
+        # the held-out problems, then those of the tasks it never saw (rows "name@task")
+        for suffix, problems in {"": run.held_out, **{f"@{t}": ps for t, ps in run.ood.items()}}.items():
+            with run.autocast():
+                row, episodes = evaluate(model, run.protocol, problems, layout, run.rewards)
+            methods[name + suffix] = row
+            if not suffix:
+                first[name] = episodes[0]
+            print(f"[eval] {name + suffix}: acc {row['accuracy']:.3f}, residual "
+                  f"{row['residual_tokens']:.1f} tokens", flush=True)
     records = run.dir.records()
     seconds = {**stage_seconds(records), "eval": time.time() - t}
     for name in methods:

@@ -5,6 +5,7 @@ without them; CUDA tests are marked ``cuda`` and skip without a GPU.
 
     pytest test_adasr.py -q
 """
+import copy
 import functools
 import importlib.util
 import json
@@ -29,9 +30,9 @@ from data import DataError, load_gsm8k, load_problems, load_streamingthinker, sp
 from gsm8k_gold import WORLD_CONSTANTS, align_steps, causality_errors, parse_step, said_numbers, solution_steps
 from kvcache import Ragged, shared_prefix
 from hrpo import (HRPOConfig, advantages, clipped_loss, collate, means, policy_logprobs,
-                  rl_update, sft_update)
+                  rl_update, sft_update, token_advantages)
 from model import ModelConfig, Transformer, generate, init_weights, log_probs, sample, tiny_config
-from rewards import RewardConfig, Rewards, score, summarize
+from rewards import RewardConfig, Rewards, last_number, score, summarize
 from rollout import rollout
 from tasks import make_synthetic, synthetic_splits
 from tokenizer import Tokenizer, format_chat, train_bpe
@@ -1741,7 +1742,7 @@ def test_a_hand_made_group_moves_each_phase_the_way_its_own_reward_says(tiny):
     assert a_s.tolist() == pytest.approx([1, -1], abs=1e-3) and a_d.tolist() == pytest.approx([-1, 1], abs=1e-3)
     g_s, g_d = advantages(rewards, 2, lam=0.0)
     assert g_s.abs().max() == 0 and g_d.abs().max() == 0               # GRPO sees nothing here
-    batch = collate([a, b], "cpu", a_s, a_d)
+    batch = collate([a, b], "cpu", token_advantages([a, b], rewards, 2, HRPOConfig(lam=1.0)))
     for i, ep in enumerate((a, b)):                                    # every policy token its phase's
         adv = batch.adv[i, :len(ep.tokens)]
         for t, (pol, ph) in enumerate(zip(ep.is_policy, ep.phase)):
@@ -1772,6 +1773,132 @@ def test_a_hand_made_group_moves_each_phase_the_way_its_own_reward_says(tiny):
     (as0, ad0), (bs0, bd0) = before
     (as1, ad1), (bs1, bd1) = after
     assert as1 > as0 and ad1 < ad0 and bs1 < bs0 and bd1 > bd0, (before, after)
+
+
+def _two_rollouts(tiny):
+    """Two gold-built rollouts of one problem: A thinks on every chunk, B skips every one."""
+    from dataclasses import replace
+    _, _, pr, problems = tiny
+    p = problems[0]
+    a = pr.gold(p, "stream")
+    b = pr.gold(replace(p, thoughts=[""] * len(p.chunks)), "stream")
+    return a, b, len(p.chunks)
+
+
+def _by_phase(ep):
+    """For each policy token: (phase, chunk, is it the first policy token after an observation)."""
+    out, before = [], False
+    for pol, ph, k in zip(ep.is_policy, ep.phase, ep.chunk):
+        if pol:
+            out.append((ph, k, not before))
+        before = pol
+    return out
+
+
+def test_chunk_and_boundary_advantages_by_hand(tiny):
+    """G = 2, λ = 0.5. Global rewards 1 / 0 → Â^g = ±1; stream 0 / 1 → Â^s = ∓1; deep 2 / 2 →
+    Â^d = 0; unit rewards differing at chunk 0 only → Â^c_0 = ±1, 0 elsewhere. chunk: a
+    streaming token of unit k gets ½Â^c_k + ½Â^g, a deep one ½Â^d + ½Â^g; boundary: the first
+    token after each observation gets its phase's mix, every other token Â^g."""
+    a, b, K = _two_rollouts(tiny)
+    units = [[1.0] + [0.5] * (K - 1), [0.0] + [0.5] * (K - 1)]
+    rewards = [Rewards(0, 0, 0, total=1.0, stream=0.0, deep=2.0, chunks=units[0]),
+               Rewards(0, 0, 0, total=0.0, stream=1.0, deep=2.0, chunks=units[1])]
+    g, s, d, c0 = [1, -1], [-1, 1], [0, 0], [1, -1]
+    for credit in ("chunk", "boundary"):
+        adv = token_advantages([a, b], rewards, 2, HRPOConfig(lam=0.5, credit=credit))
+        for i, ep in enumerate((a, b)):
+            got = adv[i][torch.tensor(ep.is_policy)].tolist()
+            want = []
+            for ph, k, first in _by_phase(ep):
+                if credit == "chunk":
+                    want.append(0.5 * d[i] + 0.5 * g[i] if ph == DEEP else
+                                0.5 * (c0[i] if k == 0 else 0) + 0.5 * g[i])
+                else:
+                    phase = d[i] if ph == DEEP else s[i]
+                    want.append(0.5 * phase + 0.5 * g[i] if first else g[i])
+            assert got == pytest.approx(want, abs=1e-3), credit
+            assert torch.equal(adv[i][~torch.tensor(ep.is_policy)], torch.zeros((~torch.tensor(ep.is_policy)).sum()))
+
+
+def test_every_granularity_is_grpo_at_lambda_zero(tiny):
+    a, b, K = _two_rollouts(tiny)
+    rng = random.Random(1)
+    rewards = [Rewards(0, 0, 0, total=rng.random(), stream=rng.random(), deep=rng.random(),
+                       chunks=[rng.random() for _ in range(K)]) for _ in range(2)]
+    grpo, _ = advantages(rewards, 2, 0.0)
+    for credit in ("stage", "chunk", "boundary"):
+        adv = token_advantages([a, b], rewards, 2, HRPOConfig(lam=0.0, credit=credit))
+        for i, ep in enumerate((a, b)):
+            assert torch.equal(adv[i], grpo[i] * torch.tensor(ep.is_policy, dtype=torch.float32))
+
+
+def test_reward_terms_by_hand(tiny):
+    """--rewards acc: R = R^s = R^d = r_acc, no format or token costs; acc+fmt: the validity terms
+    and no costs; all: the full formulas (rewards.score's docstring), on one gold episode."""
+    _, _, pr, problems = tiny
+    ep = pr.gold(problems[0], "stream")
+    T = 160
+    full = score(ep, RewardConfig(budget=T))
+    costs_s = 0.05 * ep.stream_tokens / T + 0.3 * ep.spill_tokens / T
+    assert full.total == pytest.approx(1 - 0.3 * ep.residual_tokens / T - 0.05 * ep.stream_tokens / T)
+    assert full.stream == pytest.approx(1 - costs_s)
+    assert full.deep == pytest.approx(1 - 0.3 * ep.deep_tokens / T)
+    for terms in ("acc", "acc+fmt"):
+        r = score(ep, RewardConfig(budget=T, terms=terms))
+        assert (r.total, r.stream, r.deep, r.ada, r.fmt) == (1.0, 1.0, 1.0, 0.0, 0.0), terms
+    broken = copy.deepcopy(ep)
+    broken.parsed.deep_errors.append("no answer")     # the deep phase breaks the protocol: not correct
+    r = score(broken, RewardConfig(budget=T, terms="acc"))
+    assert (r.total, r.stream, r.deep, r.fmt) == (0.0, 0.0, 0.0, 0.0)
+    r = score(broken, RewardConfig(budget=T, terms="acc+fmt"))
+    assert (r.total, r.stream, r.deep, r.fmt) == (-1.0, 0.0, -1.0, -1.0)
+
+
+def test_chunk_rewards_read_the_carried_state_and_the_skips(tiny):
+    """A gold stream of task you tracks every chunk right: r_k = 1 (+1 for a skipped chunk that
+    does not matter) minus its token costs; a stream whose count goes wrong from chunk j on
+    earns 0 for tracking from j; with rewards acc only the tracking counts."""
+    from dataclasses import replace
+    _, _, pr, problems = tiny
+    p = next(q for q in problems if "" in q.thoughts)             # a terse gold skips somewhere
+    ep = pr.gold(p, "stream")
+    T = 160
+    units = score(ep, RewardConfig(budget=T)).chunks
+    plain = score(ep, RewardConfig(budget=T, terms="acc")).chunks
+    assert plain == [1.0] * len(p.chunks)
+    for k, (u, thought, rel) in enumerate(zip(units, p.thoughts, p.relevant)):
+        times = [t for pol, ph, c, t in zip(ep.is_policy, ep.phase, ep.chunk, ep.times)
+                 if pol and ph == STREAM and c == k]
+        spill = sum(t > ep.arrivals[-1] for t in times)              # the last thought's, here
+        assert u == pytest.approx(1 + (thought == "" and not rel) - 0.05 * len(times) / T
+                                  - 0.3 * spill / T), k
+    j = 1
+    wrong = pr.gold(replace(p, thoughts=p.thoughts[:j] + ["999 + 1 = 1000."] + p.thoughts[j + 1:]), "stream")
+    bad = score(wrong, RewardConfig(budget=T, terms="acc")).chunks
+    assert bad[:j] == [1.0] * j and bad[j] == 0.0
+
+
+def test_task_silent_slips_cost_nothing_but_the_carried_state(tiny):
+    """Task silent: a slipped gold stream and the same stream tracked right have the same answer
+    and the same deep phase, so the same global reward up to the digits' tokens; the carried
+    state (R^s with --stream-credit state, and the unit rewards) tells them apart."""
+    from dataclasses import replace
+    _, _, pr, _ = tiny
+    problems = make_synthetic(40, 0, task="silent")
+    slipped = next(p for p in problems if last_number(" ".join(p.thoughts)) != int(p.state))
+    assert all(p.deep == p.rtt_deep and p.deep.startswith("Recap:") for p in problems)
+    assert sum(last_number(" ".join(p.thoughts)) != int(p.state) for p in problems) > 10   # slips are common
+    counts = ["You start with {}.".format(slipped.states[0])]
+    for k in range(1, len(slipped.chunks)):
+        counts.append("" if not slipped.relevant[k] else f"{slipped.states[k - 1]} ? = {slipped.states[k]}.")
+    right = replace(slipped, thoughts=counts)
+    a, b = pr.gold(slipped, "stream"), pr.gold(right, "stream")
+    ra, rb = score(a, RewardConfig()), score(b, RewardConfig())
+    assert ra.acc == rb.acc == 1.0 and a.deep_tokens == b.deep_tokens
+    assert abs(ra.total - rb.total) < 0.01                         # the digits' tokens, at most
+    sa, sb = score(a, RewardConfig(stream_credit="state")), score(b, RewardConfig(stream_credit="state"))
+    assert sb.stream - sa.stream > 0.9 and sum(rb.chunks) > sum(ra.chunks)
 
 
 def test_split_groups_keeps_whole_groups_in_order():
@@ -2144,9 +2271,9 @@ def test_paired_compare_over_two_seeds_writes_every_file(tmp_path, monkeypatch):
     calls, current = {}, {}
     real_rollout, real_iteration = train.rollout, train.Run.rl_step
 
-    def tagged(self, step, model, optimizer, hrpo, ref_model):
+    def tagged(self, step, model, optimizer, hrpo, *rest):
         current["key"] = (self.seed, "grpo" if hrpo.lam == 0 else "hrpo", step)
-        return real_iteration(self, step, model, optimizer, hrpo, ref_model)
+        return real_iteration(self, step, model, optimizer, hrpo, *rest)
 
     def recording(model, protocol, problems, **kw):
         episodes = real_rollout(model, protocol, problems, **kw)
@@ -2247,6 +2374,49 @@ def test_two_processes_log_every_episode_and_train_like_one(tmp_path):
             assert torch.allclose(p, q, atol=1e-5)
 
 
+def test_ood_evaluation_reads_the_other_tasks_held_out_problems(tmp_path, monkeypatch, capsys):
+    """--eval-tasks named,long: every model is also evaluated on those tasks' held-out problems
+    (the ones a run trained on that task would hold out) and on none of its own training or
+    held-out problems; rows "sft@named", ...; the paper-shaped table prints a block per task."""
+    import report
+    import train
+    seen = {}
+    real = report.evaluate
+
+    def recording(model, protocol, problems, layout, rcfg):
+        seen.setdefault(len(seen), [p.id for p in problems])
+        return real(model, protocol, problems, layout, rcfg)
+    monkeypatch.setattr(report, "evaluate", recording)
+    out = tmp_path / "run"
+    train.main(TINY_RUN + ["--stage", "sft", "--sft-steps", "2", "--eval-tasks", "named,long",
+                           "--out", str(out)])
+    own_train, own_held_out = synthetic_splits(64, 6, 0)
+    named = [p.id for p in synthetic_splits(64, 6, 0, task="named")[1]]
+    long_ = [p.id for p in synthetic_splits(64, 6, 0, task="long")[1]]
+    assert list(seen.values()) == [[p.id for p in own_held_out], named, long_]
+    own = {p.id for p in own_train + own_held_out}
+    assert not own & set(named + long_)
+    methods = json.loads((out / "eval.json").read_text())["methods"]
+    assert set(methods) == {"sft", "sft@named", "sft@long"}
+    assert "sft@named" in capsys.readouterr().out
+
+
+def test_granularity_table_trains_each_credit_paired(tmp_path, capsys):
+    """--table granularity: GRPO, HRPO stage, chunk and boundary from one SFT model; the table
+    prints each row's change against SFT; every RL job saw the same problems."""
+    import train
+    out = tmp_path / "run"
+    train.main(TINY_RUN + ["--table", "granularity", "--sft-steps", "3", "--rl-steps", "2",
+                           "--out", str(out)])
+    methods = json.loads((out / "eval.json").read_text())["methods"]
+    assert set(methods) == {"sft", "grpo", "hrpo", "hrpo_chunk", "hrpo_boundary"}
+    printed = capsys.readouterr().out
+    assert "as the paper prints it" in printed and "hrpo_chunk" in printed and "%)" in printed
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    ids = {r["job"]: r["problem_ids"][:2] for r in records if r["stage"] == "rl" and r["step"] == 1}
+    assert len({tuple(v) for v in ids.values()}) == 1 and len(ids) == 4
+
+
 def test_dynamic_sampling_refills_until_the_batch_has_signal():
     """Groups of fresh problems are rolled out until the batch holds B groups with signal; with
     no signal at all, the cap (the candidates) stops it and the step has nothing to train on."""
@@ -2259,7 +2429,7 @@ def test_dynamic_sampling_refills_until_the_batch_has_signal():
         rounds.append((first, list(problems)))
         return [f"{p}/{i}" for p in problems for i in range(G)], [p for p in problems for _ in range(G)]
 
-    def signal_every_third_missing(rewards):                      # "rewards" are problem ids here
+    def signal_every_third_missing(episodes, rewards):            # "rewards" are problem ids here
         return [r % 3 != 0 for r in rewards[::G]]
     kept, kept_rewards, episodes, rewards, generated = dynamic_sampling(
         candidates, B, G, roll, signal_every_third_missing)
@@ -2270,7 +2440,7 @@ def test_dynamic_sampling_refills_until_the_batch_has_signal():
     assert rewards == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5] and len(episodes) == 12
     rounds.clear()
     kept, _, episodes, _, generated = dynamic_sampling(candidates, B, G, roll,
-                                                       lambda r: [False] * (len(r) // G))
+                                                       lambda e, r: [False] * (len(r) // G))
     assert kept == [] and generated == 12 and len(episodes) == 24     # stopped by the cap
     assert [first for first, _ in rounds] == [0, 4, 8]
 

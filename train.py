@@ -29,6 +29,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ from report import aggregate, evaluate_run, plot_curves, progress_line, report, 
 from rewards import RewardConfig, score, summarize
 from rollout import check_context, rollout
 from rundir import RUN_FILES, RunDir, StopFlag, save_state, trainer_state, write_json
-from tasks import synthetic_splits
+from tasks import TASKS, synthetic_splits
 from tokenizer import train_bpe
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +119,11 @@ class Run:
                                 f"is more than the {len(self.train)} training problems")
         self.model, self.tok, self.new_markers = start_model(args, seed, self.train)
         self.protocol = Protocol(self.tok, wpm=args.wpm, decode_tps=args.decode_tps)
-        check_context(self.model, self.protocol, self.train + self.held_out, args.budget)
+        self.ood = {Path(t).name: load_problems(t)[:args.n_eval] if t not in TASKS else
+                    synthetic_splits(args.n_train, args.n_eval, seed, task=t)[1]
+                    for t in args.eval_tasks or []}      # other tasks' held-out problems
+        check_context(self.model, self.protocol,
+                      self.train + self.held_out + [p for ps in self.ood.values() for p in ps], args.budget)
         self.rewards = RewardConfig(alpha=args.alpha, beta=args.beta, budget=args.budget,
                                     stream_credit=args.stream_credit)
         # the gold episodes of the SFT jobs, tokenised once
@@ -169,7 +174,8 @@ class Run:
         ref_model = start.eval() if job.kind == "rl" and args.kl_beta else None
         hrpo = HRPOConfig(lam=job.lam, eps_low=args.eps_low, eps_high=args.eps_high,
                           kl_beta=args.kl_beta, temperature=args.temperature,
-                          mini_batches=args.mini_batches) if job.kind == "rl" else None
+                          mini_batches=args.mini_batches, credit=job.credit) if job.kind == "rl" else None
+        rewards = replace(self.rewards, terms=job.terms)       # what this job's RL is paid
         state = trainer_state(self.out, job.name, args.device) if args.resume else None
         self.dist.barrier()                     # rank 0 may have finished an interrupted save
         model = self.load(self.out / "checkpoint") if state else copy.deepcopy(start)
@@ -192,7 +198,7 @@ class Run:
                 group["lr"] = learning_rate(job.kind, lr, step, steps)
             with self.autocast():
                 m = self.sft_step(job, step, model, optimizer) if job.kind == "sft" else \
-                    self.rl_step(step, model, optimizer, hrpo, ref_model)
+                    self.rl_step(step, model, optimizer, hrpo, rewards, ref_model)
             step += 1
             for key in ("sft_loss", "loss", "grad_norm"):
                 if key in m and not math.isfinite(m[key]):
@@ -233,7 +239,8 @@ class Run:
         return {"sft_loss": m["loss"], "grad_norm": m["grad_norm"] / self.dist.world,
                 "tokens_per_s": sum(len(ep.tokens) for ep in episodes) / seconds, "sft_s": seconds}
 
-    def rl_step(self, step: int, model, optimizer, hrpo: HRPOConfig, ref_model) -> dict:
+    def rl_step(self, step: int, model, optimizer, hrpo: HRPOConfig, rewards: RewardConfig,
+                ref_model) -> dict:
         """One step of HRPO (GRPO for λ = 0), in the order of the algorithm."""
         args, G = self.args, self.args.group
         # 1. The candidate problems of this step, in order: the same for every job (paired).
@@ -248,13 +255,13 @@ class Run:
                                budget=args.budget, temperature=args.temperature,
                                seed=f"{self.seed}/rl/{step}", first=first + mine[0]) if mine else []
             episodes = self.dist.gather(episodes)                    # every rank: every episode
-            return episodes, [score(ep, self.rewards) for ep in episodes]
+            return episodes, [score(ep, rewards) for ep in episodes]
 
         t = time.time()
         model.eval()
         # 3. Dynamic sampling: keep the first rl_batch groups that carry signal.
-        kept, kept_rewards, episodes, rewards, generated = dynamic_sampling(
-            candidates, args.rl_batch, G, roll, lambda r: group_signal(r, G, hrpo.lam))
+        kept, kept_rewards, episodes, scores, generated = dynamic_sampling(
+            candidates, args.rl_batch, G, roll, lambda e, r: group_signal(e, r, G, hrpo))
         t_roll = time.time() - t
         # 4. The advantages and the mini-batch updates of the clipped loss, on the kept groups.
         t = time.time()
@@ -264,9 +271,9 @@ class Run:
         # 5. Metrics of every rollout of the step, kept or not.
         n_policy = sum(sum(ep.is_policy) for ep in episodes)
         n_all = sum(len(ep.tokens) - ep.prompt_len for ep in episodes)
-        return {**summarize(episodes, rewards), **means(self.sum_update(update)),
+        return {**summarize(episodes, scores), **means(self.sum_update(update)),
                 "groups_generated": generated, "groups_kept": len(kept) // G,
-                "zero_signal": 1 - sum(group_signal(rewards, G, hrpo.lam)) / generated,
+                "zero_signal": 1 - sum(group_signal(episodes, scores, G, hrpo)) / generated,
                 "problem_ids": [p.id for p in candidates[:generated]],
                 "rollout_policy_tokens_per_s": n_policy / t_roll, "rollout_tokens_per_s": n_all / t_roll,
                 "tokens_per_s": n_policy / (t_roll + t_update),
@@ -283,14 +290,14 @@ def dynamic_sampling(candidates: list, batch: int, group: int, roll, signal):
     ``batch`` groups carry signal or the candidates run out (the refill cap).
 
     ``roll(problems, first) -> (episodes, rewards)`` rolls out a round, ``group`` episodes per
-    problem, grouped (``first``: where the round starts among the candidates); ``signal(rewards)``
-    says which of a round's groups carry signal. Returns (kept episodes, their rewards, every
+    problem, grouped (``first``: where the round starts among the candidates); ``signal(episodes,
+    rewards)`` says which of a round's groups carry signal. Returns (kept episodes, their rewards, every
     episode rolled out, their rewards, groups rolled out)."""
     kept, kept_rewards, episodes, rewards, generated = [], [], [], [], 0
     while len(kept) < batch * group and generated < len(candidates):
         n = min(batch - len(kept) // group, len(candidates) - generated)   # groups still missing
         round_episodes, round_rewards = roll(candidates[generated:generated + n], generated)
-        for b, has_signal in enumerate(signal(round_rewards)):
+        for b, has_signal in enumerate(signal(round_episodes, round_rewards)):
             if has_signal and len(kept) < batch * group:
                 kept += round_episodes[b * group:(b + 1) * group]
                 kept_rewards += round_rewards[b * group:(b + 1) * group]
