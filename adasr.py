@@ -1,57 +1,29 @@
 """adasr.py — the AdaSR streaming protocol, in one place.
 
-A problem arrives as a stream: first the question, then context chunks (sentences), each taking
-the time a person needs to say it. The model *thinks while reading*:
+A problem arrives as a stream: the question, then one chunk (sentence) at a time. The model
+*thinks while reading* — a short thought or a skip after each chunk — and after <EOI> reasons
+and answers (docs/method.md §1):
 
     <instruction> Question: How many apples do you have at the end?<EOQ>     observation
     You have 5 apples.<EOS>                                                  observation, chunk 0
      You start with 5.<EOT>                                                  policy, stream, chunk 0
-    It is a sunny day.<EOS>                                                  observation, chunk 1
-    <EOT>                                                                    policy: a *skip*
-    You buy 3 apples.<EOS>                                                   observation, chunk 2
-     5 + 3 = 8.<EOT>                                                         policy, stream, chunk 2
-    <EOI>                                                                    observation: stream ended
-     The answer is 8.<EOR> \\boxed{8}<EOA>                                   policy, deep phase
+    It is a sunny day.<EOS> <EOT>                                            observation; a *skip*
+    You buy 3 apples.<EOS> 5 + 3 = 8.<EOT>                                   chunk 2 and its thought
+    <EOI> The answer is 8.<EOR> \\boxed{8}<EOA>                               end of input; deep phase
 
-What this file owns
--------------------
-* ``Problem`` — what the protocol streams: question, chunks, reference answer, and the gold
-  thoughts when a source knows them (data.py makes Problems; this file turns them into tokens).
-* The marker tokens and the instruction prompt.
-* Answers: the content of ``\\boxed{...}``, the normalisation that makes "1,000" equal "1000.0",
-  and whether an episode is *correct* — decided here, once, for rewards, traces and the CLI.
-* ``Episode`` — THE data structure of the project. The rollout fills it token by token, the gold
-  builder fills it from a Problem, ``Protocol.finish`` parses it, rewards.py scores it, hrpo.py
-  turns a batch of them into tensors for the loss. Nothing else is passed around.
-* ``Protocol`` — how a problem becomes observation tokens (``blocks``), gold episodes for SFT in
-  both layouts, parsing an episode back into thoughts / skips / deep reasoning / answer, the
-  latency clock of docs/method.md §2, and rendering an episode as a readable trace.
-
-This module imports nothing of the project: it is the base that data.py, tasks.py,
-rewards.py, rollout.py, hrpo.py and train.py build on.
+Owns: ``Problem``; the markers and the instruction; what a correct answer is (once, for rewards,
+traces and programs); ``Episode``, THE record that flows rollout → rewards → hrpo → loss; and
+``Protocol``: problem → observation blocks, gold episodes, parsing, the latency clock, traces.
+It imports nothing of the project.
 
 Design decisions
-----------------
-* [ours] One interleaved sequence and one KV cache: observation tokens (written by the
-  environment) and policy tokens (written by the model) alternate in a single causal sequence.
-  StreamingThinker keeps input and output in two position spaces with two caches; with one
-  sequence the training forward sees exactly the context the rollout saw, so the rollout's
-  log-probs are exactly the training log-probs (PPO ratio exactly 1 before the first update).
-* The stream is a list of *observation blocks*. After every block but the last the model writes
-  one streaming thought ending in ``<EOT>``; after the last block (which ends with ``<EOI>``) it
-  writes the deep phase and stops at ``<EOA>``. The streaming layout has blocks
-  [prompt + chunk 0, chunk 1, …, chunk K-1, <EOI>]; read-then-think has one block
-  [prompt + all chunks + <EOI>]: the same machinery runs both baselines.
-* The end of the stream is an observation (``<EOI>``) the environment feeds — the model never
-  guesses that the input is over.
-* [ours] There is no thought on the question itself (StreamingThinker writes a restatement of the
-  question there; its loader drops it).
-* The clock (docs/method.md §2) runs as tokens are appended, so an Episode's latency figures are right
-  at every moment, also halfway through a rollout: chunk k arrives at a_k = words(chunks 0..k) /
-  (wpm/60) seconds, the question at 0; the model writes ``decode_tps`` tokens per second and
-  starts on chunk k at max(a_k, end of its previous thought). Residual latency = t(last token) −
-  a_last; residual tokens = policy tokens finished after a_last. Prefilling observations is taken
-  as free.
+* [ours] One interleaved sequence and one KV cache for observations and policy tokens (not
+  StreamingThinker's two): training then sees exactly the rollout's context, and the first PPO
+  ratio is exactly 1. Read-then-think is the same machinery with a single observation block.
+* The end of the stream is an observation (<EOI>); the model never guesses it.
+* The clock (§2) runs as tokens are appended: chunk k arrives when its words have been spoken at
+  ``wpm``; the model writes ``decode_tps`` tokens/s and starts on a chunk once it arrived and its
+  previous thought is done; residual latency = last token − last arrival.
 """
 from __future__ import annotations
 

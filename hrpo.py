@@ -11,8 +11,8 @@ For a group of G rollouts of one problem (docs/method.md §4):
 
 ρ = π_θ/π_old per token under the sampling temperature, N the policy tokens of the optimiser
 step. λ = 0 is exactly GRPO. One rollout batch gives ``mini_batches`` optimiser steps of whole
-groups (DAPO / verl's mini-batches), ``epochs`` times, all against the rollout's log-probs: the
-first has ρ = 1 exactly, the later ones are where the clip acts.
+groups (DAPO / verl's mini-batches), all against the rollout's log-probs: the first has ρ = 1
+exactly, the later ones are where the clip acts.
 
 Design decisions
 * The token mean is per optimiser step (DAPO): N is counted on the whole mini-batch before it is
@@ -45,7 +45,6 @@ class HRPOConfig:
     kl_beta: float = 0.0
     temperature: float = 1.0
     mini_batches: int = 4
-    epochs: int = 1
     std_eps: float = 1e-4
     credit: str = "stage"           # where the phase advantages act: CREDITS
 
@@ -288,39 +287,37 @@ def rl_update(model, optimizer, episodes: list[Episode], rewards: list[Rewards],
               mine=lambda rows: rows) -> dict:
     """The HRPO update of one rollout batch: grouped ``episodes`` (B*G) and their ``rewards``.
 
-    The advantages are computed here, once; then ``cfg.epochs`` passes over ``cfg.mini_batches``
-    mini-batches of whole groups, one optimiser step each, all against π_old = the rollout's
-    log-probs. Every group given is trained on (choosing groups with signal is dynamic
-    sampling's job). ``mine(rows)`` is the part of a mini-batch this process computes (data
+    The advantages are computed here, once; then ``cfg.mini_batches`` mini-batches of whole
+    groups, one optimiser step each, all against π_old = the rollout's log-probs. Every group
+    given is trained on (choosing groups with signal is dynamic sampling's job). ``mine(rows)`` is the part of a mini-batch this process computes (data
     parallel: its share; all of it in one process). Returns sums over those tokens of ``STATS``
     (``means`` turns them into the logged metrics) and over updates of ``grad_norm``.
     """
     adv = token_advantages(episodes, rewards, group_size, cfg)
     device = next(model.parameters()).device
     sums = {"updates": 0, "policy_tokens": 0, "grad_norm": 0.0, **{k: 0.0 for k in STATS}}
-    for _ in range(cfg.epochs):
-        for part in split_groups(len(episodes) // group_size, cfg.mini_batches):
-            rows = [g * group_size + i for g in part for i in range(group_size)]
-            n_tokens = sum(sum(episodes[r].is_policy) for r in rows)   # N, all of the mini-batch's
-            if n_tokens == 0:
-                continue
-            rows = mine(rows)
-            batch = collate([episodes[r] for r in rows], device, [adv[r] for r in rows])
+    for part in split_groups(len(episodes) // group_size, cfg.mini_batches):
+        rows = [g * group_size + i for g in part for i in range(group_size)]
+        n_tokens = sum(sum(episodes[r].is_policy) for r in rows)   # N, all of the mini-batch's
+        if n_tokens == 0:
+            continue
+        rows = mine(rows)
+        batch = collate([episodes[r] for r in rows], device, [adv[r] for r in rows])
 
-            def loss_of(mb, logp):
-                ref_logp = None
-                if cfg.kl_beta:
-                    with torch.no_grad():
-                        ref_logp, _ = policy_logprobs(ref_model, mb, cfg.temperature)
-                return clipped_loss(logp, _at_policy(mb, mb.old_logp), _at_policy(mb, mb.adv),
-                                    n_tokens, cfg.eps_low, cfg.eps_high, ref_logp, cfg.kl_beta)
+        def loss_of(mb, logp):
+            ref_logp = None
+            if cfg.kl_beta:
+                with torch.no_grad():
+                    ref_logp, _ = policy_logprobs(ref_model, mb, cfg.temperature)
+            return clipped_loss(logp, _at_policy(mb, mb.old_logp), _at_policy(mb, mb.adv),
+                                n_tokens, cfg.eps_low, cfg.eps_high, ref_logp, cfg.kl_beta)
 
-            step = _step(model, optimizer, batch, micro_batch, n_tokens, cfg.temperature, loss_of,
-                         max_grad_norm, with_entropy=True)
-            sums["updates"] += 1
-            sums["policy_tokens"] += n_tokens
-            for k in ("grad_norm", *STATS):
-                sums[k] += step.get(k, 0.0)
+        step = _step(model, optimizer, batch, micro_batch, n_tokens, cfg.temperature, loss_of,
+                     max_grad_norm, with_entropy=True)
+        sums["updates"] += 1
+        sums["policy_tokens"] += n_tokens
+        for k in ("grad_norm", *STATS):
+            sums[k] += step.get(k, 0.0)
     return sums
 
 

@@ -21,15 +21,14 @@ Design decisions
 * The shared prefix (the instruction of every prompt) is computed once in a training forward:
   causal attention makes its hidden states the same in every row, so one copy whose gradient is
   the sum of the rows' is the same function with fewer matmuls. ``pad`` is a gather
-  (index_select), whose backward is index_add: on a CPU 4x faster than indexing's.
+  (index_select), whose backward is index_add, much faster on a CPU than indexing's.
 * The cache buffers start as zeros, not empty: masked scores are added as -inf, and a NaN from
   uninitialised memory would poison them.
 * ``select`` moves rows inside buffers that have room for B*G rows and never allocates: on a CPU
   the page faults of a fresh buffer cost more than the copy.
 * The cache holds the weights' dtype, or bf16 under autocast on a GPU. On a CPU under bf16
   autocast the cache and the decode step's attention stay fp32: PyTorch's CPU attention kernel
-  in bf16 took 6.8 ms for 32 rows × one query × 121 keys where fp32 took 0.8 (AVX-512-BF16
-  CPU without AMX; docs/speed.md); the bytes saved do not pay for that.
+  is many times slower in bf16 than in fp32 at a decode step's shapes (docs/speed.md).
 """
 from __future__ import annotations
 
@@ -80,7 +79,7 @@ class Ragged:
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (B, T, ...), zeros at the padding. A gather, so that the backward pass sums
         the gradients of every row's copy of the shared prefix into its one computed token
-        (index_select: its backward is index_add, 4x faster on a CPU than indexing's)."""
+        (index_select: its backward is index_add, faster on a CPU than indexing's)."""
         x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
         return x.index_select(0, self.index.flatten()).view(*self.index.shape, *x.shape[1:])
 

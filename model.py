@@ -111,11 +111,10 @@ class Linear(nn.Linear):
     Why: a decode step multiplies a few rows (B·G = 32) by every weight matrix, so it is bound by
     reading the weights, not by arithmetic. Given x @ Wᵀ, the CPU BLAS repacks the transposed
     weight on every call, which reads and writes it once more; as W @ xᵀ, the weight is the left
-    operand in its stored row-major order and only the small xᵀ is repacked. Measured on one
-    thread, 32 rows: 1.3-1.7x faster on SmolLM2's shapes in fp32, up to 2x for the 49k-row head in
-    bf16 (docs/speed.md). The result is the transpose of a
-    contiguous (out, N) product, a strided view the next ops read as they are. With autograd (the
-    training forward, compute-bound) and on CUDA, plain F.linear."""
+    operand in its stored row-major order and only the small xᵀ is repacked (measured in
+    docs/speed.md). The result is the transpose of a contiguous (out, N) product, a strided view
+    the next ops read as they are. With autograd (the training forward, compute-bound) and on
+    CUDA, plain F.linear."""
 
     def forward(self, x):
         if torch.is_grad_enabled() or x.device.type != "cpu":

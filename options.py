@@ -150,7 +150,6 @@ def build_parser() -> ArgumentParser:
                    help="dynamic sampling rolls out at most this many times --rl-batch groups a step")
     g.add_argument("--mini-batches", type=at_least(1), default=hcfg.mini_batches,
                    help="optimiser steps per rollout batch (mini-batches of whole groups)")
-    g.add_argument("--epochs", type=at_least(1), default=hcfg.epochs, help="passes over the mini-batches")
     g.add_argument("--rl-lr", type=positive(), default=1e-4, help="RL learning rate (constant)")
     g.add_argument("--lam", default=str(hcfg.lam),
                    help="local/global balance λ of HRPO; a list (0,0.5,1) trains one RL job each")

@@ -449,7 +449,7 @@ def plot_timeline(path: Path, episodes: dict) -> None:
 def matmul_gflops(seconds: float = 0.5, dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
     """This machine's CPU matmul throughput in ``dtype`` (n×n×n products, current thread count),
     to print beside absolute times: machines of one kind differ by up to 2x, ratios do not. bf16
-    is the number that tells whether the CPU has bf16 matrix units (Intel AMX: ~8x fp32)."""
+    is the number that tells whether the CPU has bf16 matrix units."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     k, t0 = 0, time.perf_counter()

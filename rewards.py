@@ -1,40 +1,21 @@
-"""rewards.py — the reward functions of AdaSR: pure functions over a finished Episode.
+"""rewards.py — the rewards of AdaSR: pure functions of a finished Episode (docs/method.md §3).
 
-What this file owns
--------------------
-* The three rewards of the paper — format, accuracy, adaptive thinking — with our formulas
-  (docs/method.md §3), the global reward R and the two phase rewards R^s, R^d that HRPO normalises
-  separately.
+Format, accuracy and adaptive thinking make the global reward R; HRPO's phase rewards R^s and R^d
+and, for the per-chunk credit, a reward per streaming unit, are normalised separately (hrpo.py).
 
 Design decisions
-----------------
-* Rewards read only the Episode (tokens, parse, clock), never the model: what the rollout recorded
-  is all the evidence there is, so the same functions score rollouts, gold trajectories and the
-  evaluation table. Whether an answer is correct is the protocol's one definition
-  (``Episode.correct``).
-* Costs are measured in *tokens* divided by the generation budget T, not in seconds, so rewards do
-  not change scale when ``--wpm`` or ``--decode-tps`` change; the seconds appear in the metrics.
-* The adaptive reward is asymmetric on purpose: a streaming token that is written while the user
-  is still talking costs only ``beta``; a token the user waits for (written after the last chunk
-  arrived) costs ``alpha`` (≫ beta). That asymmetry is what teaches "think early, skip what does
-  not matter, keep the final deliberation short".
-* [ours] The phase rewards charge each phase for the latency it causes: R^s pays for the
-  streaming tokens that spill past the last arrival, R^d for the deep tokens. docs/method.md writes
-  R^d with the residual tokens, but the residual is spill + deep, and the spill is written by the
-  streaming phase: charging it to R^d would blame the deep phase for the streaming phase's
-  overrun — exactly the confusion of credit that phase-wise advantages exist to remove. The sum
-  of the two charges is the residual either way.
-* [ours] Both phase rewards carry the accuracy. the notes' R^s counts only format and tokens;
-  group normalisation then turns any difference in streaming length into a full-size advantage,
-  blind to *which* thoughts were dropped, and HRPO learned to skip the chunks that matter (a
-  measured failure, docs/results.md). The streaming phase builds the state the answer
-  is read from, so it shares the answer's credit.
-* [ours, an experiment] ``stream_credit="state"`` gives R^s the correctness of the state the
-  stream carried out instead of the answer's: on a synthetic task the last number written while
-  reading must equal the last number of the gold thoughts (the tracked count when the stream
-  ends). A rollout that read right and then botched the deep phase then keeps credit for its
-  streaming tokens, the separation HRPO is meant to make, which an answer-carrying R^s cannot
-  (docs/results.md, "The harder task"). Synthetic tasks only: other data has no checkable state.
+* Rewards read only the Episode (tokens, parse, clock), never the model, so the same functions
+  score rollouts, gold trajectories and the evaluation.
+* Costs are tokens divided by the budget T, not seconds: rewards keep their scale whatever
+  --wpm or --decode-tps; a token the user waits for costs ``alpha`` ≫ ``beta``, the cost of one
+  written while the input still arrives ("think early, keep the final deliberation short").
+* [ours] Each phase pays for the latency it causes: R^s for its tokens that spill past the last
+  arrival, R^d for the deep tokens (the paper's notes charge all residual tokens to R^d, which
+  blames the deep phase for the stream's overrun). Their sum is the residual either way.
+* [ours] Both phase rewards carry the accuracy: with R^s of format and length alone, group
+  normalisation made any length difference a full advantage and HRPO learned to skip the chunks
+  that matter (docs/results.md). ``stream_credit="state"`` gives R^s the carried state's
+  correctness instead (synthetic tasks): the separation HRPO is meant to make.
 """
 from __future__ import annotations
 
