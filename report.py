@@ -274,6 +274,10 @@ def evaluate_run(run, models: dict) -> dict:
             with run.autocast():
                 row, episodes = evaluate(model, run.protocol, problems, layout, run.rewards)
             methods[name + suffix] = row
+            if run.stop.requested:                 # Ctrl-C or SIGTERM: nothing half-written
+                print(f"stopped during the evaluation; nothing of it was written; continue with "
+                      f"--resume --out {args.out}", flush=True)
+                sys.exit(130)
             if not suffix:
                 first[name] = episodes[0]
             print(f"[eval] {name + suffix}: acc {row['accuracy']:.3f}, residual "

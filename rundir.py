@@ -428,8 +428,9 @@ def trainer_state(path: Path, job: str, device) -> dict | None:
     try:
         state = torch.load(state_file, map_location=device, weights_only=False)
     except Exception as e:   # a truncated or foreign file: torch raises several kinds
-        raise UserError(f"{state_file}: cannot read the trainer state ({type(e).__name__}); "
-                        "start afresh with --overwrite") from None
+        raise UserError(f"{state_file}: cannot read the trainer state ({type(e).__name__}); delete "
+                        f"{path / 'checkpoint'} to train job '{job}' again from its start (the "
+                        "finished models beside it are kept)") from None
     if not isinstance(state, dict) or not {"job", "step", "optimizer"} <= set(state):
         raise UserError(f"{state_file}: not a trainer state of this program")
     return state if state["job"] == job else None
@@ -449,8 +450,9 @@ class StopFlag:
             raise KeyboardInterrupt
         self.requested = True
         if self.verbose:
-            print("\nstopping: finishing this step, saving a checkpoint, then exiting "
-                  "(Ctrl-C again to quit without saving)", flush=True)
+            print("\nstopping: training finishes its step and saves a checkpoint, an evaluation "
+                  "stops after the model it is on; --resume continues (Ctrl-C again to quit "
+                  "at once)", flush=True)
 
 
 def differences(differ: dict, path: Path) -> str:

@@ -2417,6 +2417,30 @@ def test_granularity_table_trains_each_credit_paired(tmp_path, capsys):
     assert len({tuple(v) for v in ids.values()}) == 1 and len(ids) == 4
 
 
+def test_sigterm_during_the_evaluation_stops_it_and_resume_evaluates(tmp_path, monkeypatch, capsys):
+    """SIGTERM while the evaluation runs: it stops after the model it is on (exit 130) and writes
+    no eval.json; --resume then evaluates and writes it."""
+    import os
+    import signal
+    import report
+    import train
+    real = report.evaluate
+
+    def evaluate_then_term(*a, **k):
+        out = real(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    monkeypatch.setattr(report, "evaluate", evaluate_then_term)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train.main(_sft_run(out))
+    assert stopped.value.code == 130 and not (out / "eval.json").exists()
+    assert "stopped during the evaluation" in capsys.readouterr().out
+    monkeypatch.setattr(report, "evaluate", real)
+    train.main(_sft_run(out, "--resume"))
+    assert json.loads((out / "eval.json").read_text())["methods"].keys() == {"sft"}
+
+
 def test_dynamic_sampling_refills_until_the_batch_has_signal():
     """Groups of fresh problems are rolled out until the batch holds B groups with signal; with
     no signal at all, the cap (the candidates) stops it and the step has nothing to train on."""

@@ -41,12 +41,12 @@ from cli import UserError, run_cli
 from data import load_problems, warn_overlap
 from hrpo import HRPOConfig, group_signal, means, rl_update, sft_update
 from model import Transformer, init_weights, tiny_config
-from options import Job, parse_args, plan, run_config, run_dirs
+from options import Job, parse_args, plan, run_config, run_dirs, writes
 from parallel import Dist, setup_distributed
 from report import aggregate, evaluate_run, plot_curves, progress_line, report, warn_slow_bf16
 from rewards import RewardConfig, score, summarize
 from rollout import check_context, rollout
-from rundir import RUN_FILES, RunDir, StopFlag, save_state, trainer_state, write_json
+from rundir import RunDir, StopFlag, save_state, trainer_state, write_json
 from tasks import TASKS, synthetic_splits
 from tokenizer import train_bpe
 
@@ -129,12 +129,11 @@ class Run:
         # the gold episodes of the SFT jobs, tokenised once
         layouts = {job.layout for job in plan(args) if job.kind == "sft"}
         self.gold = {layout: [self.protocol.gold(p, layout) for p in self.train] for layout in layouts}
+        self.writes = writes(args)                       # what this run writes in its directory
         if dist.main:
             warn_overlap(self.train, self.held_out)
             self.warn_long_gold()
-            jobs = [job.name for job in plan(args)]
-            writes = RUN_FILES if jobs else ("config.json", "eval.json", "traces.md", "timeline.png")
-            rundir.open(run_config(args, seed), list(writes) + jobs, args.resume, args.overwrite)
+            rundir.open(run_config(args, seed), self.writes, args.resume, args.overwrite)
         dist.barrier()
         self.stop = StopFlag(verbose=dist.main)
         self.trained = []                       # the jobs this process trained (not found trained)
@@ -334,8 +333,8 @@ def train_seed(args, seed: int, rundir: RunDir, dist: Dist) -> dict | None:
     result = evaluate_run(run, trained)
     if (out / "metrics.jsonl").exists():
         plot_curves(out)
-    print(f"wrote {out}/: " + " ".join(sorted(p.name + ("/" if p.is_dir() else "")
-                                              for p in out.iterdir() if p.name != "lock")))
+    print(f"wrote {out}/: " + " ".join(name + ("/" if (out / name).is_dir() else "")
+                                        for name in run.writes if (out / name).exists()))
     return result
 
 
