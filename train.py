@@ -67,6 +67,13 @@ def load_data(args, seed: int):
     return train[:-args.n_eval], train[-args.n_eval:]
 
 
+def load_other_tasks(args, seed: int) -> dict[str, list]:
+    """--eval-tasks: for each synthetic task the held-out problems a run trained on it would
+    hold out, for each file its first --n-eval problems; none is trained on."""
+    return {Path(t).name: load_problems(t)[:args.n_eval] if t not in TASKS else
+            synthetic_splits(args.n_train, args.n_eval, seed, task=t)[1] for t in args.eval_tasks or []}
+
+
 def start_model(args, seed: int, train_problems):
     """The start model: --model (a checkpoint, .gguf or 'smollm2'), or a tiny model from scratch
     whose BPE tokenizer is trained on the gold trajectories' text. Returns (model, tokenizer, the
@@ -119,9 +126,7 @@ class Run:
                                 f"is more than the {len(self.train)} training problems")
         self.model, self.tok, self.new_markers = start_model(args, seed, self.train)
         self.protocol = Protocol(self.tok, wpm=args.wpm, decode_tps=args.decode_tps)
-        self.ood = {Path(t).name: load_problems(t)[:args.n_eval] if t not in TASKS else
-                    synthetic_splits(args.n_train, args.n_eval, seed, task=t)[1]
-                    for t in args.eval_tasks or []}      # other tasks' held-out problems
+        self.ood = load_other_tasks(args, seed)
         check_context(self.model, self.protocol,
                       self.train + self.held_out + [p for ps in self.ood.values() for p in ps], args.budget)
         self.rewards = RewardConfig(alpha=args.alpha, beta=args.beta, budget=args.budget,
@@ -196,21 +201,21 @@ class Run:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(job.kind, lr, step, steps)
             with self.autocast():
-                m = self.sft_step(job, step, model, optimizer) if job.kind == "sft" else \
+                metrics = self.sft_step(job, step, model, optimizer) if job.kind == "sft" else \
                     self.rl_step(step, model, optimizer, hrpo, rewards, ref_model)
             step += 1
             for key in ("sft_loss", "loss", "grad_norm"):
-                if key in m and not math.isfinite(m[key]):
+                if key in metrics and not math.isfinite(metrics[key]):
                     raise TrainingError(f"{job.kind} job '{job.name}', step {step}: {key} is "
-                                        f"{m[key]} (diverged; lower --{job.kind}-lr); nothing "
-                                        "was saved from this step on")
-            m.update(job=job.name, stage=job.kind, step=step, lr=optimizer.param_groups[0]["lr"],
-                     time=round(time.time() - self.t0, 2))
+                                        f"{metrics[key]} (diverged; lower --{job.kind}-lr); "
+                                        "nothing was saved from this step on")
+            metrics.update(job=job.name, stage=job.kind, step=step,
+                           lr=optimizer.param_groups[0]["lr"], time=round(time.time() - self.t0, 2))
             if self.dist.main:
-                self.dir.log(m)
+                self.dir.log(metrics)
                 if step % args.log_every == 0 or step == steps or step == first + 1:
                     eta = (time.time() - t_start) / (step - first) * (steps - step)
-                    print(progress_line(job.name, step, steps, m, eta), flush=True)
+                    print(progress_line(job.name, step, steps, metrics, eta), flush=True)
                 if step % args.save_every == 0 and step < steps:
                     save_state(self.out, job.name, step, model, self.tok, optimizer)
         if step < steps:                        # stopped by a signal (on some rank)
@@ -232,10 +237,10 @@ class Run:
                                                                 self.args.sft_batch)
         episodes = [self.gold[job.layout][i] for i in idx]
         t = time.time()
-        m = self.dist.sum(sft_update(model, optimizer, episodes, self.args.micro_batch,
-                                     mine=self.dist.share))
+        update = self.dist.sum(sft_update(model, optimizer, episodes, self.args.micro_batch,
+                                          mine=self.dist.share))
         seconds = time.time() - t
-        return {"sft_loss": m["loss"], "grad_norm": m["grad_norm"] / self.dist.world,
+        return {"sft_loss": update["loss"], "grad_norm": update["grad_norm"] / self.dist.world,
                 "tokens_per_s": sum(len(ep.tokens) for ep in episodes) / seconds, "sft_s": seconds}
 
     def rl_step(self, step: int, model, optimizer, hrpo: HRPOConfig, rewards: RewardConfig,
@@ -344,19 +349,19 @@ def main(argv=None) -> None:
     dist = setup_distributed(args)
     if dist.main:                           # once, not once per rank
         warn_slow_bf16(args)
-    runs = run_dirs(args)
-    for run in runs:
-        run.main = dist.main
+    dirs = run_dirs(args)                   # one RunDir per seed
+    for rundir in dirs:
+        rundir.main = dist.main
     try:
-        results = {seed: train_seed(args, seed, run, dist) for seed, run in
-                   zip(args.seeds or [args.seed], runs)}
+        results = {seed: train_seed(args, seed, rundir, dist) for seed, rundir in
+                   zip(args.seeds or [args.seed], dirs)}
         if args.seeds is not None and dist.main:
             summary = aggregate(results)
             write_json(Path(args.out) / "eval.json", summary)
             report(Path(args.out), summary)
     finally:
-        for run in runs:
-            run.unlock()
+        for rundir in dirs:
+            rundir.unlock()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
