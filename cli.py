@@ -117,10 +117,13 @@ def positive(kind=float):
 
 def check_options(args, rules: list[tuple[str, bool, str]]) -> None:
     """``rules`` are (option, holds, what it must be); the first that does not hold is a
-    UserError "option --x = VALUE must be WHAT" naming the value ``args`` holds."""
+    UserError "option --x = VALUE must be WHAT" naming the value ``args`` holds. A float option
+    named by a rule must also be finite, whatever the rule says (inf > 0 holds)."""
     for option, ok, rule in rules:
+        value = getattr(args, option[2:].replace("-", "_"))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"option {option} = {value} must be a finite number")
         if not ok:
-            value = getattr(args, option[2:].replace("-", "_"))
             if isinstance(value, list):
                 value = ",".join(f"{v:g}" for v in value)
             raise UserError(f"option {option} = {value} must be {rule}")

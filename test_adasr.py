@@ -2000,7 +2000,7 @@ def test_nothing_deletes_what_the_run_did_not_make(tmp_path):
     with pytest.raises(UserError, match="already holds a run; --resume continues it, --overwrite"):
         train.main(_sft_run(out))
     for stage, model, target in [("eval", out / "sft", out / "sft"), ("rl", out / "hrpo", out)]:
-        with pytest.raises(UserError, match="a path that the run in --out"):
+        with pytest.raises(UserError, match="a path that the run in --out|is a model directory"):
             train.main(_from_model(TINY_RUN) + ["--stage", stage, "--model", str(model),
                                                 "--out", str(target), "--overwrite"])
     assert {p: p.read_bytes() for p in (out / "sft").iterdir()} == before
@@ -2357,6 +2357,10 @@ def test_non_finite_values_are_refused_and_never_written(tmp_path):
         for value in ("inf", "nan", "-inf"):
             _refused([f"{option}={value}"], f"option {option} = {value}")
     _refused(["--lam", "0,inf"], "option --lam = 0,inf", "finite")
+    import rollout
+    for option in ("--temperature", "--wpm", "--decode-tps"):           # rollout.py's, too
+        with pytest.raises(UserError, match=f"option {option} = inf must be a finite number"):
+            rollout.main(["--model", "m", "--problem", "You have 2 pens. How many?", f"{option}=inf"])
     _refused(["--alpha", "1e308"], "option --alpha = 1e308", "[0, 100]")
     with pytest.raises(UserError, match=r"eval.json: methods.hrpo.reward is -inf"):
         write_json(tmp_path / "eval.json", {"methods": {"hrpo": {"reward": float("-inf")}}})
