@@ -206,7 +206,8 @@ def resumed(p: ArgumentParser, args, given: set[str]):
     options ``given`` on the command line, which must agree with it but for ``RESUMABLE``."""
     out = Path(args.out)
     resolve_out(args.out)
-    check_out(args.out, args.seeds if args.seeds is not None or dir_kind(out) != "seeds" else [])
+    check_out(args.out, args.seeds if args.seeds is not None or dir_kind(out) != "seeds" else [],
+              fresh=False)
     seeds = args.seeds
     if seeds is None and dir_kind(out) == "seeds":
         seeds = sorted(int(m[1]) for d in out.iterdir() if (m := SEED_DIR.fullmatch(d.name))
@@ -272,7 +273,7 @@ def check_args(args, given: set[str] = frozenset()) -> None:
             if not os.access(parent, os.W_OK):
                 raise UserError(f"option --out {args.out}: {parent} is not writable")
             break
-    check_out(args.out, args.seeds)
+    check_out(args.out, args.seeds, fresh=not args.resume)
     runs = run_dirs(args)
     if args.resume and not any(run.holds_run() for run in runs):
         raise UserError(f"option --resume: {args.out} holds no run to resume (no config.json)")
@@ -282,6 +283,7 @@ def check_args(args, given: set[str] = frozenset()) -> None:
         if args.resume and run.holds_run():
             run.check_resume(run_config(args, int(run.path.name[4:]) if args.seeds else args.seed))
             run.records()                                  # a damaged metrics log: one line now
+            run.check_own(writes(args))                    # what it will write or finish is its own
         else:                    # a fresh run, or a seed that a resumed multi-seed run starts
             run.check_fresh(writes(args), overwrite=args.overwrite and not args.resume)
     check_device(args.device)

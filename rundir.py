@@ -86,11 +86,23 @@ def _dumps(path: Path, obj, **kw) -> str:
     return json.dumps(obj, default=str, **kw)
 
 
+def _write(path: Path, text: str, mode: str = "w", name: Path | None = None) -> None:
+    """Write ``text`` to ``path``; a failed write (a full disk) names the file (``name``, the one
+    the user knows, if given) and leaves no temporary file behind."""
+    try:
+        with open(path, mode) as f:
+            f.write(text)
+    except OSError as e:
+        if path != (name or path):
+            path.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(name or path)) from None
+
+
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically (temporary file, then rename); infinities are refused (``_dumps``)."""
     text = _dumps(path, obj, indent=2) + "\n"
     tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")    # parallel seeds share OUT/
-    tmp.write_text(text)
+    _write(tmp, text, name=path)
     os.replace(tmp, path)
 
 
@@ -199,10 +211,11 @@ def resolve_out(out: str) -> Path:
         raise UserError(f"option --out {out}: a symbolic link loop") from None
 
 
-def check_out(out: str, seeds: list[int] | None) -> None:
+def check_out(out: str, seeds: list[int] | None, fresh: bool = True) -> None:
     """The --out of a run (fresh or resumed) is not a model directory nor inside one, and holds
     the kind of run that this one is: a single run's directory is never a multi-seed run's
-    (``seeds``), nor the other way round."""
+    (``seeds``), nor the other way round. The top of a multi-seed run holds its seed<S>/ and
+    its summary; a fresh one starts where it holds nothing else."""
     resolved = resolve_out(out)
     for parent in [resolved, *resolved.parents]:
         if parent.is_dir() and (parent / "config.json").is_file() and dir_kind(parent) == "model":
@@ -222,7 +235,7 @@ def check_out(out: str, seeds: list[int] | None) -> None:
             target = Path(out) / name
             if SEED_DIR.fullmatch(name) and target.is_dir() and not target.is_symlink():
                 continue
-            if name not in SEEDS_FILES or foreign(target):
+            if (name in SEEDS_FILES and foreign(target)) or (fresh and name not in SEEDS_FILES):
                 raise UserError(f"option --out {out} holds {target}, which a multi-seed run does "
                                 "not write: it starts in a new or empty directory, or in one of "
                                 "its own")
@@ -356,15 +369,22 @@ class RunDir:
                 kind, "is not empty and holds no run of train.py (no config.json of one)")
             raise UserError(f"option --out: {self.path} {what}: a fresh run starts in a new or "
                             "empty directory, or in one of its own runs; give another --out")
-        here = [name for name in writes if (self.path / name).exists() or (self.path / name).is_symlink()]
-        for name in here:
-            if reason := foreign(self.path / name):
-                raise UserError(f"option --out: {self.path / name} {reason}; a fresh run would "
-                                "replace it (even --overwrite removes only what this program "
-                                "wrote): move it away, or give another --out")
+        here = self.check_own(writes)
         if not overwrite:
             raise UserError(f"option --out: {self.path} already holds a run; --resume continues "
                             "it, --overwrite replaces its " + (", ".join(here) or "files"))
+
+    def check_own(self, writes: list[str]) -> list[str]:
+        """The names of ``writes`` that exist here, once each is checked to be what this program
+        wrote (a fresh run replaces them, a resumed one rewrites or finishes them); one that is
+        not is refused by name."""
+        here = [name for name in writes if (self.path / name).exists() or (self.path / name).is_symlink()]
+        for name in here:
+            if reason := foreign(self.path / name):
+                raise UserError(f"option --out: {self.path / name} {reason}; the run would replace "
+                                "it (even --overwrite removes only what this program wrote): move "
+                                "it away, or give another --out")
+        return here
 
     def start_fresh(self, writes: list[str], overwrite: bool) -> None:
         """Make room for a fresh run that writes ``writes`` (names in the directory): refuse
@@ -382,9 +402,7 @@ class RunDir:
     # -- the metrics log ---------------------------------------------------------------------
     def log(self, record: dict) -> None:
         if self.main:
-            line = _dumps(self.metrics, record) + "\n"        # an infinity: refused, not logged
-            with open(self.metrics, "a") as f:
-                f.write(line)
+            _write(self.metrics, _dumps(self.metrics, record) + "\n", "a")   # an infinity: refused
 
     def records(self) -> list[dict]:
         return read_json_lines(self.metrics)
@@ -396,7 +414,7 @@ class RunDir:
             return
         keep = [r for r in self.records() if not (r["job"] == job and r["step"] > step)]
         tmp = self.metrics.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        _write(tmp, "".join(json.dumps(r) + "\n" for r in keep), name=self.metrics)
         os.replace(tmp, self.metrics)
 
 

@@ -2334,6 +2334,9 @@ def test_resume_takes_its_options_from_config_json_and_notices_changed_data(tmp_
     assert "\n" not in line
     data.write_text("".join(open(DATA / "gsm8k" / "test.jsonl").readlines()[:9]))
     _refused(["--resume", "--out", str(out)], "--data", "changed since the run", "started")
+    data.write_text("".join(open(DATA / "gsm8k" / "test.jsonl").readlines()[:10]))
+    (out / "eval.json").write_text("[]")                  # not ours: a resume would replace it
+    _refused(["--resume", "--out", str(out)], f"{out / 'eval.json'} is not an evaluation")
 
 
 def test_an_option_the_run_would_not_obey_is_refused_with_the_reason():
@@ -2432,6 +2435,7 @@ def test_messages_name_the_real_cause(tmp_path, monkeypatch, capsys):
     import checkpoint
     import data as D
     from options import build_parser
+    from rundir import RunDir
     tok = train_bpe(["a b"], 300, ["<EOT>"])
     model = small_model(vocab=tok.vocab_size)
 
@@ -2442,6 +2446,12 @@ def test_messages_name_the_real_cause(tmp_path, monkeypatch, capsys):
         save_checkpoint(model, tok, tmp_path / "checkpoint", extra={"trainer.pt": {}})
     assert e.value.filename == str(tmp_path / "checkpoint" / "trainer.pt")
     assert [p.name for p in tmp_path.iterdir()] == []
+    if Path("/dev/full").exists():                   # a device that is always full
+        (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+        with pytest.raises(OSError) as e:
+            RunDir(tmp_path).log({"job": "sft", "stage": "sft", "step": 1})
+        assert e.value.filename == str(tmp_path / "metrics.jsonl")
+        (tmp_path / "metrics.jsonl").unlink()
     for path, what in (("/dev/null", "not a regular file"), (str(tmp_path), "is a directory")):
         with pytest.raises(DataError, match=what):
             D.main([path])
