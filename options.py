@@ -171,10 +171,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     given = given_options(argv)
     normalise(args)
-    if args.resume and args.overwrite:
-        raise UserError("options --resume and --overwrite contradict each other: continue the "
-                        "run in --out, or replace it")
-    if args.resume:
+    if args.resume and not args.overwrite:           # both: check_args refuses them
         args = resumed(p, args, given | set(PRESETS.get(known.preset) or {}))
     check_args(args, given)
     return args
@@ -205,7 +202,6 @@ def resumed(p: ArgumentParser, args, given: set[str]):
     directory's, the seeds those of its seed directories unless --seeds names them), with the
     options ``given`` on the command line, which must agree with it but for ``RESUMABLE``."""
     out = Path(args.out)
-    resolve_out(args.out)
     check_out(args.out, args.seeds if args.seeds is not None or dir_kind(out) != "seeds" else [],
               fresh=False)
     seeds = args.seeds

@@ -169,10 +169,10 @@ def dir_kind(path: Path) -> str | None:
 
 
 def run_models(path: Path) -> list[Path]:
-    """The model directories in a run directory (one per job, then the checkpoint)."""
-    models = [p for p in sorted(Path(path).iterdir()) if p.is_dir() and p.name != "checkpoint"
-              and (p / "config.json").is_file() and dir_kind(p) == "model"]
-    return models + ([Path(path) / "checkpoint"] if dir_kind(Path(path) / "checkpoint") == "model" else [])
+    """The final models in a run directory, one per finished job (not the checkpoint, the job in
+    progress)."""
+    return [p for p in sorted(Path(path).iterdir()) if p.is_dir() and p.name != "checkpoint"
+            and (p / "config.json").is_file() and dir_kind(p) == "model"]
 
 
 def check_model_path(option: str | None, model: str) -> None:
