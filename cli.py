@@ -11,7 +11,7 @@ in ``tools/`` read and fail the same way:
 * ``ArgumentParser``: argparse whose own errors are UserErrors (no usage dump);
 * ``checked``, ``at_least``, ``positive``: option types that carry their rule, so that a rule is
   declared next to its option; ``check_options`` for the rules that relate several options;
-* ``number_list`` and ``check_device``: two option types shared by several programs.
+* ``number_list``, ``check_device`` and ``THREADS``: option types shared by several programs.
 
 It imports nothing from the project: every other module may import it.
 """
@@ -105,6 +105,14 @@ def checked(kind, ok, rule: str):
         return value
     parse.__name__ = kind.__name__
     return parse
+
+
+# One thread per core is what is sensible; a few more only slow a program down, and far more
+# (tens of thousands) crash torch's thread pool.
+CORES = os.cpu_count() or 1
+THREADS = checked(int, lambda v: 1 <= v <= 4 * CORES,
+                  f"between 1 and {4 * CORES} (4 x this machine's {CORES} cores; one thread per "
+                  "core is what is sensible)")
 
 
 def at_least(lo, kind=int):

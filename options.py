@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from adasr import LAYOUTS, MARKERS, Protocol
-from cli import (ArgumentParser, DefaultsHelpFormatter, UserError, at_least, check_device,
-                 check_options, checked, number_list, positive)
+from cli import (THREADS, ArgumentParser, DefaultsHelpFormatter, UserError, at_least,
+                 check_device, check_options, checked, number_list, positive)
 from data import check_data_file
 from hrpo import HRPOConfig
 from rewards import STREAM_CREDITS, RewardConfig
@@ -57,12 +57,6 @@ COST = checked(float, lambda v: 0 <= v <= MAX_COST, f"in [0, {MAX_COST:g}]")
 # generators take 32 bits, and no experiment needs more.
 SEED_LIMIT = 2 ** 32
 SEED = checked(int, lambda v: 0 <= v < SEED_LIMIT, f"in [0, 2**32)")
-# One thread per core is what is sensible; a few more only slow a run down, and far more (tens of
-# thousands) crash the thread pool.
-CORES = os.cpu_count() or 1
-THREADS = checked(int, lambda v: 1 <= v <= 4 * CORES,
-                  f"between 1 and {4 * CORES} (4 x this machine's {CORES} cores; one thread per "
-                  "core is what is sensible)")
 # Options the tiny model from scratch alone obeys (a --model brings its own size and vocabulary).
 TINY_OPTIONS = ("tiny_dim", "tiny_layers", "vocab")
 

