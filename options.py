@@ -195,13 +195,12 @@ def resumed(p: ArgumentParser, args, given: set[str]):
     """The options of the run in --out: its config.json's (a multi-seed run: its first seed
     directory's, the seeds those of its seed directories unless --seeds names them), with the
     options ``given`` on the command line, which must agree with it but for ``RESUMABLE``."""
-    out = Path(args.out)
-    check_out(args.out, args.seeds if args.seeds is not None or dir_kind(out) != "seeds" else [],
-              fresh=False)
-    seeds = args.seeds
-    if seeds is None and dir_kind(out) == "seeds":
+    out, seeds = Path(args.out), args.seeds
+    resolve_out(args.out)                               # empty, or a symbolic-link loop
+    if seeds is None and dir_kind(out) == "seeds":      # a multi-seed run: the seeds it holds
         seeds = sorted(int(m[1]) for d in out.iterdir() if (m := SEED_DIR.fullmatch(d.name))
                        and dir_kind(d) == "run")
+    check_out(args.out, seeds, fresh=False)
     dirs = [out] if seeds is None else [out / f"seed{s}" for s in seeds]
     made = [d for d in dirs if (d / "config.json").exists()]
     if not made:
