@@ -93,7 +93,7 @@ def _write(path: Path, text: str, mode: str = "w", name: Path | None = None) -> 
         with open(path, mode) as f:
             f.write(text)
     except OSError as e:
-        if path != (name or path):
+        if name is not None:                  # ``path`` is a temporary file: leave none behind
             path.unlink(missing_ok=True)
         raise OSError(e.errno, e.strerror, str(name or path)) from None
 
@@ -255,6 +255,8 @@ def foreign(target: Path) -> str | None:
         if config.exists() and config_kind(_try_config(config)) != "model":
             return "has a config.json that is not a model's"
         return None
+    if not target.is_file():
+        return "is not a regular file (this program writes only files and directories)"
     if name == "config.json":
         return None if config_kind(_try_config(target)) == "run" else "is not a config.json of train.py"
     if name == "metrics.jsonl":
