@@ -46,12 +46,15 @@ def run_cli(main) -> None:
     permissions — ends it with one line on stderr and exit status 2; a second Ctrl-C with one
     line and status 130; any other exception is a bug and keeps its traceback. Under torchrun
     every process checks the same options and fails the same way: only rank 0 says so, so that
-    a bad option is one line, not one per process."""
-    quiet = os.environ.get("RANK", "0") != "0"          # torchrun sets RANK; alone it is unset
+    a bad option is one line, not one per process. Once the processes have started working
+    together (the process group is up), each says its own error, naming its rank."""
+    rank = os.environ.get("RANK", "0")                  # torchrun sets RANK; alone it is unset
 
     def say(line: str) -> None:
-        if not quiet:
+        if rank == "0":
             print(line, file=sys.stderr)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            print(line.replace(": ", f": rank {rank}: ", 1), file=sys.stderr)
     try:
         main()
     except UserError as e:

@@ -2420,8 +2420,10 @@ def test_what_raised_a_traceback_is_one_line(tmp_path, monkeypatch, capsys):
 
     def bad():
         raise UserError("option --x = 1 must be 2")
-    for rank, printed in (("1", ""), ("0", "error: option --x = 1 must be 2\n")):
+    for rank, group, printed in (("1", False, ""), ("0", False, "error: option --x = 1 must be 2\n"),
+                                 ("1", True, "error: rank 1: option --x = 1 must be 2\n")):
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: group)
         with pytest.raises(SystemExit) as e:
             cli.run_cli(bad)
         assert e.value.code == 2 and capsys.readouterr().err == printed
