@@ -235,6 +235,8 @@ def check_out(out: str, seeds: list[int] | None, fresh: bool = True) -> None:
             target = Path(out) / name
             if SEED_DIR.fullmatch(name) and target.is_dir() and not target.is_symlink():
                 continue
+            if re.fullmatch(r"eval\.json\.\d+\.tmp", name):    # a parallel seed's write_json
+                continue
             if (name in SEEDS_FILES and foreign(target)) or (fresh and name not in SEEDS_FILES):
                 raise UserError(f"option --out {out} holds {target}, which a multi-seed run does "
                                 "not write: it starts in a new or empty directory, or in one of "
