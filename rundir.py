@@ -7,16 +7,19 @@
     OUT/eval.json, traces.md, curves.png, timeline.png    the evaluation (report.py)
     OUT/lock             the pid of the process writing here
 
-What this file owns: the lock (``RunDir.lock``), the comparison of a resumed run's options with
-the ones that made the directory (``check_resume``), starting afresh without deleting what the
-run did not make (``start_fresh``), the metrics log (append, read, truncate on resume) and
-atomic JSON files. train.py decides *what* to write; this file decides how it stays whole.
+What this file owns: the lock (``RunDir.lock``), what a directory is (``dir_kind``: a run, a
+multi-seed run, a model, something else) and what in it is the run's own (``foreign``), the
+comparison of a resumed run's options with the ones that made the directory (``check_resume``),
+starting afresh without deleting what the run did not make (``check_fresh``, ``start_fresh``),
+the metrics log (append, read, truncate on resume) and atomic JSON files. train.py decides
+*what* to write; this file decides how it stays whole.
 
 Design decisions
 * A resumed run must be the run it continues. Every option that shapes what is trained — the
   model, tokenizer, data, seed, steps, learning rates, rewards, precision — must equal the one in
   config.json; ``RESUMABLE`` lists the few that may change (how fast, how chatty, where the
-  progress goes). A mismatch is refused with the option and both values, before any work.
+  progress goes). Every mismatch is listed with both values, in one line, before any work; a
+  resumed run also checks that what it will rewrite or finish is its own (``check_own``).
 * A fresh run in a directory that already holds a run is refused unless ``--overwrite``; then it
   removes only the files that it is about to write itself, never a model it reads (``--model``
   inside OUT is refused where the run would write over it).
