@@ -2279,6 +2279,7 @@ def test_a_fresh_run_replaces_only_what_it_wrote(tmp_path):
     (out / "sft" / "notes.txt").write_text("mine")
     before = _tree(out)
     _refused(_sft_run(out, "--overwrite"), f"{out / 'sft'} holds notes.txt", "--overwrite")
+    assert _tree(out) == before
     (out / "sft" / "notes.txt").unlink()
     (out / "eval.json").write_text('{"my": "results"}')
     before = _tree(out)
@@ -2294,8 +2295,8 @@ def test_a_model_directory_is_never_a_run_directory(tmp_path):
     """--out a model directory (fresh or --resume) is refused and leaves it byte-identical; a
     multi-seed run over a single run's directory, and the other way round, is refused."""
     import shutil
-    out = tmp_path / "run"
     import train
+    out = tmp_path / "run"
     train.main(_sft_run(out))
     model = _tree(out / "sft")
     for extra in ([], ["--resume"], ["--overwrite"]):
