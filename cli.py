@@ -11,7 +11,7 @@ in ``tools/`` read and fail the same way:
 * ``ArgumentParser``: argparse whose own errors are UserErrors (no usage dump);
 * ``checked``, ``at_least``, ``positive``: option types that carry their rule, so that a rule is
   declared next to its option; ``check_options`` for the rules that relate several options;
-* ``number_list`` and ``check_device``: two option types shared by several programs.
+* ``number_list``, ``check_device`` and ``THREADS``: option types shared by several programs.
 
 It imports nothing from the project: every other module may import it.
 """
@@ -46,12 +46,15 @@ def run_cli(main) -> None:
     permissions — ends it with one line on stderr and exit status 2; a second Ctrl-C with one
     line and status 130; any other exception is a bug and keeps its traceback. Under torchrun
     every process checks the same options and fails the same way: only rank 0 says so, so that
-    a bad option is one line, not one per process."""
-    quiet = os.environ.get("RANK", "0") != "0"          # torchrun sets RANK; alone it is unset
+    a bad option is one line, not one per process. Once the processes have started working
+    together (the process group is up), each says its own error, naming its rank."""
+    rank = os.environ.get("RANK", "0")                  # torchrun sets RANK; alone it is unset
 
     def say(line: str) -> None:
-        if not quiet:
+        if rank == "0":
             print(line, file=sys.stderr)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            print(line.replace(": ", f": rank {rank}: ", 1), file=sys.stderr)
     try:
         main()
     except UserError as e:
@@ -107,6 +110,14 @@ def checked(kind, ok, rule: str):
     return parse
 
 
+# One thread per core is what is sensible; a few more only slow a program down, and far more
+# (tens of thousands) crash torch's thread pool.
+CORES = os.cpu_count() or 1
+THREADS = checked(int, lambda v: 1 <= v <= 4 * CORES,
+                  f"between 1 and {4 * CORES} (4 x this machine's {CORES} cores; one thread per "
+                  "core is what is sensible)")
+
+
 def at_least(lo, kind=int):
     return checked(kind, lambda v: v >= lo, f"at least {lo}")
 
@@ -117,10 +128,13 @@ def positive(kind=float):
 
 def check_options(args, rules: list[tuple[str, bool, str]]) -> None:
     """``rules`` are (option, holds, what it must be); the first that does not hold is a
-    UserError "option --x = VALUE must be WHAT" naming the value ``args`` holds."""
+    UserError "option --x = VALUE must be WHAT" naming the value ``args`` holds. A float option
+    named by a rule must also be finite, whatever the rule says (inf > 0 holds)."""
     for option, ok, rule in rules:
+        value = getattr(args, option[2:].replace("-", "_"))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"option {option} = {value} must be a finite number")
         if not ok:
-            value = getattr(args, option[2:].replace("-", "_"))
             if isinstance(value, list):
                 value = ",".join(f"{v:g}" for v in value)
             raise UserError(f"option {option} = {value} must be {rule}")

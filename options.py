@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from adasr import LAYOUTS, MARKERS, Protocol
-from cli import (ArgumentParser, DefaultsHelpFormatter, UserError, at_least, check_device,
-                 check_options, checked, number_list, positive)
+from cli import (THREADS, ArgumentParser, DefaultsHelpFormatter, UserError, at_least,
+                 check_device, check_options, checked, number_list, positive)
 from data import check_data_file
 from hrpo import CREDITS, HRPOConfig
 from rewards import REWARD_TERMS, STREAM_CREDITS, RewardConfig
@@ -64,12 +64,6 @@ COST = checked(float, lambda v: 0 <= v <= MAX_COST, f"in [0, {MAX_COST:g}]")
 # generators take 32 bits, and no experiment needs more.
 SEED_LIMIT = 2 ** 32
 SEED = checked(int, lambda v: 0 <= v < SEED_LIMIT, f"in [0, 2**32)")
-# One thread per core is what is sensible; a few more only slow a run down, and far more (tens of
-# thousands) crash the thread pool.
-CORES = os.cpu_count() or 1
-THREADS = checked(int, lambda v: 1 <= v <= 4 * CORES,
-                  f"between 1 and {4 * CORES} (4 x this machine's {CORES} cores; one thread per "
-                  "core is what is sensible)")
 # Options the tiny model from scratch alone obeys (a --model brings its own size and vocabulary).
 TINY_OPTIONS = ("tiny_dim", "tiny_layers", "vocab")
 
@@ -192,10 +186,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     given = given_options(argv)
     normalise(args)
-    if args.resume and args.overwrite:
-        raise UserError("options --resume and --overwrite contradict each other: continue the "
-                        "run in --out, or replace it")
-    if args.resume:
+    if args.resume and not args.overwrite:           # both: check_args refuses them
         args = resumed(p, args, given | set(PRESETS.get(known.preset) or {}))
     check_args(args, given)
     return args
@@ -228,13 +219,12 @@ def resumed(p: ArgumentParser, args, given: set[str]):
     """The options of the run in --out: its config.json's (a multi-seed run: its first seed
     directory's, the seeds those of its seed directories unless --seeds names them), with the
     options ``given`` on the command line, which must agree with it but for ``RESUMABLE``."""
-    out = Path(args.out)
-    resolve_out(args.out)
-    check_out(args.out, args.seeds if args.seeds is not None or dir_kind(out) != "seeds" else [])
-    seeds = args.seeds
-    if seeds is None and dir_kind(out) == "seeds":
+    out, seeds = Path(args.out), args.seeds
+    resolve_out(args.out)                               # empty, or a symbolic-link loop
+    if seeds is None and dir_kind(out) == "seeds":      # a multi-seed run: the seeds it holds
         seeds = sorted(int(m[1]) for d in out.iterdir() if (m := SEED_DIR.fullmatch(d.name))
                        and dir_kind(d) == "run")
+    check_out(args.out, seeds, fresh=False)
     dirs = [out] if seeds is None else [out / f"seed{s}" for s in seeds]
     made = [d for d in dirs if (d / "config.json").exists()]
     if not made:
@@ -304,7 +294,7 @@ def check_args(args, given: set[str] = frozenset()) -> None:
             if not os.access(parent, os.W_OK):
                 raise UserError(f"option --out {args.out}: {parent} is not writable")
             break
-    check_out(args.out, args.seeds)
+    check_out(args.out, args.seeds, fresh=not args.resume)
     runs = run_dirs(args)
     if args.resume and not any(run.holds_run() for run in runs):
         raise UserError(f"option --resume: {args.out} holds no run to resume (no config.json)")
@@ -314,6 +304,7 @@ def check_args(args, given: set[str] = frozenset()) -> None:
         if args.resume and run.holds_run():
             run.check_resume(run_config(args, int(run.path.name[4:]) if args.seeds else args.seed))
             run.records()                                  # a damaged metrics log: one line now
+            run.check_own(writes(args))                    # what it will write or finish is its own
         else:                    # a fresh run, or a seed that a resumed multi-seed run starts
             run.check_fresh(writes(args), overwrite=args.overwrite and not args.resume)
     check_device(args.device)

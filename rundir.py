@@ -7,16 +7,19 @@
     OUT/eval.json, traces.md, curves.png, timeline.png    the evaluation (report.py)
     OUT/lock             the pid of the process writing here
 
-What this file owns: the lock (``RunDir.lock``), the comparison of a resumed run's options with
-the ones that made the directory (``check_resume``), starting afresh without deleting what the
-run did not make (``start_fresh``), the metrics log (append, read, truncate on resume) and
-atomic JSON files. train.py decides *what* to write; this file decides how it stays whole.
+What this file owns: the lock (``RunDir.lock``), what a directory is (``dir_kind``: a run, a
+multi-seed run, a model, something else) and what in it is the run's own (``foreign``), the
+comparison of a resumed run's options with the ones that made the directory (``check_resume``),
+starting afresh without deleting what the run did not make (``check_fresh``, ``start_fresh``),
+the metrics log (append, read, truncate on resume) and atomic JSON files. train.py decides
+*what* to write; this file decides how it stays whole.
 
 Design decisions
 * A resumed run must be the run it continues. Every option that shapes what is trained — the
   model, tokenizer, data, seed, steps, learning rates, rewards, precision — must equal the one in
   config.json; ``RESUMABLE`` lists the few that may change (how fast, how chatty, where the
-  progress goes). A mismatch is refused with the option and both values, before any work.
+  progress goes). Every mismatch is listed with both values, in one line, before any work; a
+  resumed run also checks that what it will rewrite or finish is its own (``check_own``).
 * A fresh run in a directory that already holds a run is refused unless ``--overwrite``; then it
   removes only the files that it is about to write itself, never a model it reads (``--model``
   inside OUT is refused where the run would write over it).
@@ -90,11 +93,23 @@ def _dumps(path: Path, obj, **kw) -> str:
     return json.dumps(obj, default=str, **kw)
 
 
+def _write(path: Path, text: str, mode: str = "w", name: Path | None = None) -> None:
+    """Write ``text`` to ``path``; a failed write (a full disk) names the file (``name``, the one
+    the user knows, if given) and leaves no temporary file behind."""
+    try:
+        with open(path, mode) as f:
+            f.write(text)
+    except OSError as e:
+        if name is not None:                  # ``path`` is a temporary file: leave none behind
+            path.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(name or path)) from None
+
+
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically (temporary file, then rename); infinities are refused (``_dumps``)."""
     text = _dumps(path, obj, indent=2) + "\n"
     tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")    # parallel seeds share OUT/
-    tmp.write_text(text)
+    _write(tmp, text, name=path)
     os.replace(tmp, path)
 
 
@@ -161,10 +176,10 @@ def dir_kind(path: Path) -> str | None:
 
 
 def run_models(path: Path) -> list[Path]:
-    """The model directories in a run directory (one per job, then the checkpoint)."""
-    models = [p for p in sorted(Path(path).iterdir()) if p.is_dir() and p.name != "checkpoint"
-              and (p / "config.json").is_file() and dir_kind(p) == "model"]
-    return models + ([Path(path) / "checkpoint"] if dir_kind(Path(path) / "checkpoint") == "model" else [])
+    """The final models in a run directory, one per finished job (not the checkpoint, the job in
+    progress)."""
+    return [p for p in sorted(Path(path).iterdir()) if p.is_dir() and p.name != "checkpoint"
+            and (p / "config.json").is_file() and dir_kind(p) == "model"]
 
 
 def check_model_path(option: str | None, model: str) -> None:
@@ -203,10 +218,11 @@ def resolve_out(out: str) -> Path:
         raise UserError(f"option --out {out}: a symbolic link loop") from None
 
 
-def check_out(out: str, seeds: list[int] | None) -> None:
+def check_out(out: str, seeds: list[int] | None, fresh: bool = True) -> None:
     """The --out of a run (fresh or resumed) is not a model directory nor inside one, and holds
     the kind of run that this one is: a single run's directory is never a multi-seed run's
-    (``seeds``), nor the other way round."""
+    (``seeds``), nor the other way round. The top of a multi-seed run holds its seed<S>/ and
+    its summary; a fresh one starts where it holds nothing else."""
     resolved = resolve_out(out)
     for parent in [resolved, *resolved.parents]:
         if parent.is_dir() and (parent / "config.json").is_file() and dir_kind(parent) == "model":
@@ -226,7 +242,9 @@ def check_out(out: str, seeds: list[int] | None) -> None:
             target = Path(out) / name
             if SEED_DIR.fullmatch(name) and target.is_dir() and not target.is_symlink():
                 continue
-            if name not in SEEDS_FILES or foreign(target):
+            if re.fullmatch(r"eval\.json\.\d+\.tmp", name):    # a parallel seed's write_json
+                continue
+            if (name in SEEDS_FILES and foreign(target)) or (fresh and name not in SEEDS_FILES):
                 raise UserError(f"option --out {out} holds {target}, which a multi-seed run does "
                                 "not write: it starts in a new or empty directory, or in one of "
                                 "its own")
@@ -246,6 +264,8 @@ def foreign(target: Path) -> str | None:
         if config.exists() and config_kind(_try_config(config)) != "model":
             return "has a config.json that is not a model's"
         return None
+    if not target.is_file():
+        return "is not a regular file (this program writes only files and directories)"
     if name == "config.json":
         return None if config_kind(_try_config(target)) == "run" else "is not a config.json of train.py"
     if name == "metrics.jsonl":
@@ -367,15 +387,22 @@ class RunDir:
                 kind, "is not empty and holds no run of train.py (no config.json of one)")
             raise UserError(f"option --out: {self.path} {what}: a fresh run starts in a new or "
                             "empty directory, or in one of its own runs; give another --out")
-        here = [name for name in writes if (self.path / name).exists() or (self.path / name).is_symlink()]
-        for name in here:
-            if reason := foreign(self.path / name):
-                raise UserError(f"option --out: {self.path / name} {reason}; a fresh run would "
-                                "replace it (even --overwrite removes only what this program "
-                                "wrote): move it away, or give another --out")
+        here = self.check_own(writes)
         if not overwrite:
             raise UserError(f"option --out: {self.path} already holds a run; --resume continues "
                             "it, --overwrite replaces its " + (", ".join(here) or "files"))
+
+    def check_own(self, writes: list[str]) -> list[str]:
+        """The names of ``writes`` that exist here, once each is checked to be what this program
+        wrote (a fresh run replaces them, a resumed one rewrites or finishes them); one that is
+        not is refused by name."""
+        here = [name for name in writes if (self.path / name).exists() or (self.path / name).is_symlink()]
+        for name in here:
+            if reason := foreign(self.path / name):
+                raise UserError(f"option --out: {self.path / name} {reason}; the run would replace "
+                                "it (even --overwrite removes only what this program wrote): move "
+                                "it away, or give another --out")
+        return here
 
     def start_fresh(self, writes: list[str], overwrite: bool) -> None:
         """Make room for a fresh run that writes ``writes`` (names in the directory): refuse
@@ -393,9 +420,7 @@ class RunDir:
     # -- the metrics log ---------------------------------------------------------------------
     def log(self, record: dict) -> None:
         if self.main:
-            line = _dumps(self.metrics, record) + "\n"        # an infinity: refused, not logged
-            with open(self.metrics, "a") as f:
-                f.write(line)
+            _write(self.metrics, _dumps(self.metrics, record) + "\n", "a")   # an infinity: refused
 
     def records(self) -> list[dict]:
         return read_json_lines(self.metrics)
@@ -407,7 +432,7 @@ class RunDir:
             return
         keep = [r for r in self.records() if not (r["job"] == job and r["step"] > step)]
         tmp = self.metrics.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        _write(tmp, "".join(json.dumps(r) + "\n" for r in keep), name=self.metrics)
         os.replace(tmp, self.metrics)
 
 

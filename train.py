@@ -23,7 +23,6 @@ Design decisions
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import sys
@@ -46,7 +45,7 @@ from parallel import Dist, setup_distributed
 from report import aggregate, evaluate_run, plot_curves, progress_line, report, warn_slow_bf16
 from rewards import RewardConfig, score, summarize
 from rollout import check_context, rollout
-from rundir import RunDir, StopFlag, save_state, trainer_state, write_json
+from rundir import RunDir, StopFlag, read_config, save_state, trainer_state, write_json
 from tasks import TASKS, synthetic_splits
 from tokenizer import train_bpe
 
@@ -331,7 +330,7 @@ def train_seed(args, seed: int, rundir: RunDir, dist: Dist) -> dict | None:
         trained = {"model": (run.model, args.layout)}
     done = out / "eval.json"
     if args.resume and done.exists() and not run.trained:
-        result = json.loads(done.read_text())
+        result = read_config(done)                # checked to be ours by options.check_args
         if set(trained) <= set(result.get("methods", {})):
             print(f"[eval] {out}: every method already evaluated")
             return {**result, "methods": {k: v for k, v in result["methods"].items() if k in trained}}

@@ -27,7 +27,7 @@ import torch
 
 from adasr import Episode, Protocol
 from checkpoint import load_pretrained
-from cli import ArgumentParser, UserError, run_cli
+from cli import THREADS, ArgumentParser, UserError, run_cli
 from rewards import state_right
 from rundir import config_kind, read_config
 from rollout import rollout
@@ -50,9 +50,9 @@ def main(argv=None) -> None:
     ap.add_argument("--problems", type=int, default=64, help="held-out problems")
     ap.add_argument("--group", type=int, default=8, help="samples per problem")
     ap.add_argument("--seed", type=int, default=1234, help="sampling seed (the same for every model)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=THREADS, default=1)
     args = ap.parse_args(argv)
-    for name in ("problems", "group", "threads"):
+    for name in ("problems", "group"):
         if getattr(args, name) < 1:
             raise UserError(f"option --{name} = {getattr(args, name)} must be at least 1")
     run = Path(args.run)
