@@ -195,7 +195,6 @@ def policy_logprobs(model, batch: Batch, temperature: float, max_logits: int = 2
     target_mask = batch.is_policy[:, 1:]
     h = hidden[target_mask]                                         # (P, D)
     targets = batch.ids[:, 1:][target_mask]                         # (P,)
-
     return token_logprobs(model, h, targets, temperature, max_logits, entropy)
 
 
