@@ -1553,7 +1553,7 @@ def test_read_then_think_rollout_thinks_after_the_last_chunk(tiny):
 
 
 def test_cli_runs_end_to_end(tiny, tmp_path, capsys):
-    import rollout as cli
+    import live as cli
     model, tok, _, problems = tiny
     save_checkpoint(model, tok, tmp_path / "ckpt")
     data = tmp_path / "st.json"
@@ -2289,23 +2289,23 @@ BAD_INPUT = {   # case -> (command line, substrings the one line must hold)
     "train: --resume with no run": (["train.py", "--resume", "--out", "{d}/nothing"], ["--resume", "nothing"]),
     "train: --model missing": (["train.py", "--model", "{d}/no-such-model", "--stage", "eval"],
                                ["no-such-model", "not a checkpoint directory"]),
-    "rollout: --model missing": (["rollout.py", "--model", "{d}/no-such-model", "--problem", PROBLEM],
+    "live: --model missing": (["live.py", "--model", "{d}/no-such-model", "--problem", PROBLEM],
                                  ["no-such-model", "not a checkpoint directory"]),
-    "rollout: checkpoint missing a tensor": (["rollout.py", "--model", "{d}/no_tensor", "--problem", PROBLEM],
+    "live: checkpoint missing a tensor": (["live.py", "--model", "{d}/no_tensor", "--problem", PROBLEM],
                                              ["model.safetensors", "missing tensor 'model.norm.weight'"]),
-    "rollout: checkpoint without tokenizer.json": (["rollout.py", "--model", "{d}/no_tokenizer", "--problem", PROBLEM],
+    "live: checkpoint without tokenizer.json": (["live.py", "--model", "{d}/no_tokenizer", "--problem", PROBLEM],
                                                    ["no_tokenizer/tokenizer.json", "no such file"]),
     # Without the optional gguf package the (right) line says how to install it instead.
-    "rollout: garbage .gguf": (["rollout.py", "--model", "{d}/garbage.gguf", "--problem", PROBLEM],
+    "live: garbage .gguf": (["live.py", "--model", "{d}/garbage.gguf", "--problem", PROBLEM],
                                ["garbage.gguf", "GGUF" if HAS_GGUF else "pip install gguf"]),
-    "rollout: .gguf without the gguf package": (["-c", "import sys, runpy; sys.modules['gguf'] = None; "
-                                                 "sys.argv = ['rollout.py', '--model', 'x.gguf', '--problem', 'Hi?']; "
-                                                 "runpy.run_path('rollout.py', run_name='__main__')"],
+    "live: .gguf without the gguf package": (["-c", "import sys, runpy; sys.modules['gguf'] = None; "
+                                                 "sys.argv = ['live.py', '--model', 'x.gguf', '--problem', 'Hi?']; "
+                                                 "runpy.run_path('live.py', run_name='__main__')"],
                                                 ["pip install gguf"]),
-    "rollout: --budget 0": (["rollout.py", "--model", "{d}/ckpt", "--problem", PROBLEM, "--budget", "0"], ["--budget = 0"]),
-    "rollout: --temperature -1": (["rollout.py", "--model", "{d}/ckpt", "--problem", PROBLEM, "--temperature", "-1"],
+    "live: --budget 0": (["live.py", "--model", "{d}/ckpt", "--problem", PROBLEM, "--budget", "0"], ["--budget = 0"]),
+    "live: --temperature -1": (["live.py", "--model", "{d}/ckpt", "--problem", PROBLEM, "--temperature", "-1"],
                                   ["--temperature = -1.0"]),
-    "rollout: missing --data": (["rollout.py", "--model", "{d}/ckpt", "--data", "{d}/missing.jsonl"],
+    "live: missing --data": (["live.py", "--model", "{d}/ckpt", "--data", "{d}/missing.jsonl"],
                                 ["missing.jsonl", "no such file"]),
     "bench_rollout: --problems 0": (["-m", "tools.bench_rollout", "--problems", "0"], ["--problems = 0"]),
     "bench_model: --new-tokens 0": (["-m", "tools.bench_model", "--new-tokens", "0"], ["--new-tokens = 0"]),
@@ -2316,16 +2316,16 @@ BAD_INPUT = {   # case -> (command line, substrings the one line must hold)
     "data: missing file": (["data.py", "{d}/missing.jsonl"], ["missing.jsonl", "no such file"]),
     "train: --stream-credit state with --data": (["train.py", "--stream-credit", "state", "--data",
                                                   "{d}/missing.jsonl"], ["--stream-credit", "synthetic"]),
-    "rollout: empty --problem": (["rollout.py", "--model", "{d}/ckpt", "--problem", ""], ["no sentence"]),
-    "rollout: a marker in --problem": (["rollout.py", "--model", "{d}/ckpt", "--problem", "You have 5.<EOI> How many?"],
+    "live: empty --problem": (["live.py", "--model", "{d}/ckpt", "--problem", ""], ["no sentence"]),
+    "live: a marker in --problem": (["live.py", "--model", "{d}/ckpt", "--problem", "You have 5.<EOI> How many?"],
                                       ["--problem", "<EOI>"]),
-    "rollout: --budget past the context": (["rollout.py", "--model", "{d}/ckpt", "--problem", PROBLEM, "--budget",
+    "live: --budget past the context": (["live.py", "--model", "{d}/ckpt", "--problem", PROBLEM, "--budget",
                                             "1000000000"], ["--budget 1000000000", "context of 2048"]),
     "train: --budget past the context": (["train.py", "--budget", "1000000000", "--n-train", "50", "--n-eval", "5"],
                                          ["--budget 1000000000", "context"]),
     "train: --sft-lr inf": (["train.py", "--sft-lr", "inf"], ["--sft-lr = inf"]),
     "train: --out is a file": (["train.py", "--out", "{d}/bad.jsonl"], ["--out", "is a file"]),
-    "adasr: a library, not a program": (["adasr.py", "--model", "x", "--problem", PROBLEM], ["rollout.py"]),
+    "adasr: a library, not a program": (["adasr.py", "--model", "x", "--problem", PROBLEM], ["live.py"]),
     "phase_errors: not a run": (["-m", "tools.phase_errors", "{d}"], ["config.json", "not found"]),
     "phase_errors: --group 0": (["-m", "tools.phase_errors", "{d}", "--group", "0"], ["--group = 0"]),
 }
