@@ -3,8 +3,9 @@ wall clock of each, and the terminal program.
 
 * ``Session`` — one live stream: a ``rollout._Row`` whose chunks arrive from outside, the events it
   sends (the vocabulary of the server, after the realtime APIs: ``chunk.accepted``,
-  ``thought.delta``, ``thought.done``/``thought.skip``, ``deep.delta``, ``timings``,
-  ``response.done``, ``error``) and the wall-clock second of every token.
+  ``input.committed``, ``thought.delta``, ``thought.done``/``thought.skip``, ``deep.delta``,
+  ``deep.done``, ``answer.delta``, ``timings``, ``response.done``, ``error``) and the
+  wall-clock second of every token.
 * ``Live`` — the engine in a thread of its own. Other threads open sessions, append chunks, end
   the input and close sessions through a queue that the engine thread reads between steps; bad
   input is refused in the caller's thread, before it reaches the engine.
@@ -86,15 +87,16 @@ class Session:
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
-    def emit(self, name: str, **data) -> None:
-        self.events.put((name, {"t": round(self.now(), 4), **data}))
+    def emit(self, name: str, t: float | None = None, **data) -> None:
+        """Send an event stamped ``t`` (now by default), seconds since the session opened."""
+        self.events.put((name, {"t": round(self.now() if t is None else t, 4), **data}))
 
-    def _delta(self, name: str, **data) -> None:
+    def _delta(self, name: str, t: float, **data) -> None:
         """Send the text written since the last delta (whole characters only: a byte-level
         token may end inside one)."""
         text = self.live.protocol.text(self.shown)
         if not text.endswith("\ufffd") and len(text) > len(self.text):
-            self.emit(name, delta=text[len(self.text):], **data)
+            self.emit(name, t, delta=text[len(self.text):], **data)
             self.text = text
 
     def on_token(self) -> None:
@@ -110,23 +112,23 @@ class Session:
             if ep.phase[i] == STREAM and tok == pr.eot:
                 self.closed[chunk] = now
                 thought = pr.text(self.shown).strip()
-                self.emit("thought.done" if thought else "thought.skip", chunk=chunk,
+                self.emit("thought.done" if thought else "thought.skip", now, chunk=chunk,
                           **({"text": thought} if thought else {}))
                 self.shown, self.text = [], ""
             elif tok == pr.eor and ep.phase[i] == DEEP:
-                self.emit("deep.done", text=pr.text(self.shown).strip())
+                self.emit("deep.done", now, text=pr.text(self.shown).strip())
                 self.shown, self.text, self.answering = [], "", True
             elif tok not in pr.markers and tok not in pr.stop_ids:
                 self.shown.append(tok)
                 if ep.phase[i] == STREAM:
-                    self._delta("thought.delta", chunk=chunk)
+                    self._delta("thought.delta", now, chunk=chunk)
                 else:
-                    self._delta("answer.delta" if self.answering else "deep.delta")
+                    self._delta("answer.delta" if self.answering else "deep.delta", now)
         if self.row.done:
             self.result = timings(self)
             p = ep.parsed
-            self.emit("timings", **self.result)
-            self.emit("response.done", answer=p.answer, deep=p.deep, thoughts=p.thoughts,
+            self.emit("timings", now, **self.result)
+            self.emit("response.done", now, answer=p.answer, deep=p.deep, thoughts=p.thoughts,
                       valid=p.valid, truncated=ep.truncated,
                       correct=ep.correct if ep.problem.answer else None)
 
@@ -247,7 +249,7 @@ class Live:
             s.arrived.append(t)
             s.last_input = time.perf_counter()
             k = len(s.arrived) - 1
-            s.emit("chunk.accepted", chunk=k, text=text.strip())
+            s.emit("chunk.accepted", t, chunk=k, text=text.strip())
             self.inbox.put(("chunk", s, text.strip()))
             return k
 
@@ -258,6 +260,7 @@ class Live:
                 self.refuse(s, InputError("input_after_end", "input.commit after input.commit "
                                           "with final: the input of this session is over"))
             s.final, s.end_s, s.last_input = True, s.now(), time.perf_counter()
+            s.emit("input.committed", s.end_s, final=True)
             self.inbox.put(("end", s))
 
     def tokens(self, question: str, chunks: list[str]) -> int:

@@ -8,8 +8,8 @@ stream; it appends chunks and ends its input with POSTs naming the session. Name
 realtime APIs (OpenAI Realtime, vLLM /v1/realtime):
 
     POST /v1/sessions            {"question": "...", "model": "stream" | "rtt"}   -> event stream:
-         session.created {id}, chunk.accepted, thought.delta, thought.done | thought.skip,
-         deep.delta, deep.done, answer.delta, timings, response.done; error
+         session.created {id}, chunk.accepted, input.committed, thought.delta, thought.done |
+         thought.skip, deep.delta, deep.done, answer.delta, timings, response.done; error
     POST /v1/sessions/ID         {"type": "input_chunk.append", "text": "One sentence."}
                                  {"type": "input.commit", "final": true}
     GET  /  (serve.html)   GET /v1/problems (held-out problems)   GET /v1/stats (the engine's meters)
