@@ -13,6 +13,7 @@ realtime APIs (OpenAI Realtime, vLLM /v1/realtime):
     POST /v1/sessions/ID         {"type": "input_chunk.append", "text": "One sentence."}
                                  {"type": "input.commit", "final": true}
     GET  /  (serve.html)   GET /v1/problems (held-out problems)   GET /v1/stats (the engine's meters)
+    POST /v1/split {"text": ...} -> {"question", "chunks"} (data.split_question, for the page)
 
 Decisions: the standard library only (ThreadingHTTPServer, a thread per connection; SSE is plain
 HTTP that a browser reads with fetch). The handlers only validate and queue: the model runs in
@@ -36,7 +37,7 @@ import torch
 from adasr import BUDGET, Protocol, add_markers
 from checkpoint import load_pretrained
 from cli import ArgumentParser, UserError, at_least, check_device, checked, positive, run_cli
-from data import load_problems
+from data import load_problems, marker_in, split_question
 from live import Full, InputError, Limits, Live, Session
 from tasks import synthetic_splits
 
@@ -121,7 +122,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         elif self.path == "/v1/problems":
             self.reply(200, {"problems": self.server.problems,
-                             "models": sorted(self.server.engines)})
+                             "models": list(self.server.engines)})
         elif self.path == "/v1/stats":
             self.reply(200, {name: stats(live) for name, live in self.server.engines.items()})
         else:
@@ -130,6 +131,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         if self.path == "/v1/sessions":
             return self.open_session()
+        if self.path == "/v1/split":
+            return self.split()
         prefix = "/v1/sessions/"
         with self.server.lock:
             s = self.server.sessions.get(self.path[len(prefix):]) if self.path.startswith(prefix) else None
@@ -156,6 +159,21 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(400, {"type": "error", "error": {"code": e.code, "message": str(e)}})
         self.error(400, "unknown_event", f"unknown event type {kind!r}: expected "
                    "input_chunk.append or input.commit", s)
+
+    def split(self):
+        """A pasted problem as the question and its chunks (data.split_question), for the page."""
+        body = self.body()
+        if body is None:
+            return
+        text = body.get("text")
+        if not isinstance(text, str) or marker_in(text):
+            return self.error(400, "invalid_text", "split needs a string 'text' without "
+                              "protocol markers")
+        try:
+            question, chunks = split_question(text)
+        except UserError as e:
+            return self.error(400, "invalid_text", str(e))
+        self.reply(200, {"question": question, "chunks": chunks, "answer": ""})
 
     def open_session(self):
         body = self.body()
@@ -229,7 +247,8 @@ class Handler(BaseHTTPRequestHandler):
 def stats(live: Live) -> dict:
     """The engine's meters: sessions open, rows, forwards, tokens computed, rows fed per forward."""
     e = live.engine
-    return {"sessions": len(live.sessions), "rows": len(e.rows), "steps": live.steps,
+    return {"sessions": len(live.sessions), "rows": len(e.rows), "rows_in_use": len(e.live),
+            "steps": live.steps,
             "tokens": e.tokens, "rows_fed": live.rows_fed, "time": time.perf_counter()}
 
 

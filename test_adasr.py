@@ -2532,6 +2532,134 @@ def test_server_bad_input_gets_an_error_event_naming_it_and_others_go_on(server)
         c.close()
 
 
+# --- the page, in a real headless browser -----------------------------------------------------
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+                 if os.path.exists(p)), None)
+
+
+class _DevTools:
+    """Just enough of the Chrome DevTools protocol: one page's websocket, a command, its reply
+    (a hand-written client: a masked text frame out, frames in)."""
+
+    def __init__(self, url):
+        import base64
+        import socket
+        from urllib.parse import urlparse
+        u = urlparse(url)
+        self.sock = socket.create_connection((u.hostname, u.port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(f"GET {u.path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nUpgrade: "
+                          f"websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                          "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert b" 101 " in head.split(b"\r\n")[0], head
+        self.n = 0
+
+    def _read(self, k):
+        buf = b""
+        while len(buf) < k:
+            part = self.sock.recv(k - len(buf))
+            assert part, "DevTools closed the connection"
+            buf += part
+        return buf
+
+    def call(self, method, **params):
+        self.n += 1
+        payload = json.dumps({"id": self.n, "method": method, "params": params}).encode()
+        mask, n = os.urandom(4), len(payload)
+        size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        self.sock.sendall(b"\x81" + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        while True:
+            data = b""
+            while True:                     # one message, possibly in fragments
+                b0, b1 = self._read(2)
+                n = b1 & 0x7F
+                if n >= 126:
+                    n = int.from_bytes(self._read(2 if n == 126 else 8), "big")
+                data += self._read(n)
+                if b0 & 0x80:
+                    break
+            msg = json.loads(data)
+            if msg.get("id") == self.n:
+                return msg["result"]
+
+    def eval(self, expression):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install -y chromium)")
+def test_the_page_plays_a_problem_in_a_real_browser(tiny, tmp_path):
+    """serve.html in headless Chromium: it plays a held-out problem by itself (URL parameters),
+    side by side with read-then-think; the test reads each column from the page — a chunk line
+    per chunk, the skips (the model is steered to skip), the answer and the wait shown — and
+    checks them against what the server's sessions recorded."""
+    import subprocess
+    import threading
+    import time
+    import urllib.request
+    from live import Limits, Live
+    from serve import Server
+    model, _, pr, problems = tiny
+    steered = _Steered(model, {pr.eos}, pr.eot)
+    engines = {"stream": Live(steered, pr, Limits(sessions=2, max_len=400, budget=24)),
+               "rtt": Live(steered, pr, Limits(sessions=2, max_len=400, budget=24),
+                           layout="read_then_think")}
+    finished = {}
+    for name, live in engines.items():
+        def spy(row, live=live, name=name, hook=live._on_token):
+            s = live.by_row[id(row)]
+            hook(row)
+            if row.done:
+                finished[name] = s
+        live.engine.on_token = spy
+    p = problems[0]
+    srv = Server(("127.0.0.1", 0), engines, [{"id": p.id, "question": p.question,
+                                              "chunks": p.chunks, "answer": p.answer}])
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/?problem=0&wpm=1500&play=1"
+    browser = subprocess.Popen(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--remote-debugging-port=0", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in browser.stderr:
+            if "DevTools listening on ws://" in line:
+                port = int(line.split("ws://")[1].split("/")[0].split(":")[1])
+                break
+        deadline = time.monotonic() + 60
+        while True:
+            pages = [t for t in json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list").read())
+                     if t["type"] == "page" and t["url"].startswith(url[:20])]
+            if pages:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        page = _DevTools(pages[0]["webSocketDebuggerUrl"])
+        while page.eval("document.querySelector('#result').dataset.done") != "1":
+            assert time.monotonic() < deadline, page.eval("document.body.innerText")
+            time.sleep(0.1)
+        columns = json.loads(page.eval("""JSON.stringify([...document.querySelectorAll('.column')].map(c => ({
+            id: c.id, chunks: c.querySelectorAll('.chunk').length, skips: c.querySelectorAll('.thought.skip').length,
+            answer: c.querySelector('.answer').textContent, wait: c.querySelector('.wait').textContent})))"""))
+    finally:
+        browser.kill()
+        browser.wait()
+        srv.stop()
+    assert [c["id"] for c in columns] == ["stream", "rtt"]
+    for c in columns:
+        s = finished[c["id"]]
+        ep = s.row.ep
+        assert c["chunks"] == len(p.chunks)
+        assert c["skips"] == (len(p.chunks) if c["id"] == "stream" else 0)
+        answer = "null" if ep.parsed.answer is None else ep.parsed.answer
+        assert c["answer"].startswith(f"answer: {answer}")
+        assert c["wait"].startswith(f"waited {s.result['residual_s']:.2f} s after the end of input")
+
+
 # =============================================================================================
 # The command-line programs: a user error is one line `error: ...`, exit status 2, no traceback
 # =============================================================================================
