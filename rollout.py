@@ -131,23 +131,25 @@ class _Row:
 # ---------------------------------------------------------------------------------------------
 
 class _Slots(KVCache):
-    """Some rows of the pool's cache, as a cache of their own for one forward. Keys and values
-    are written into the pool; attention reads a view of the pool when the rows are adjacent,
-    else a copy of their filled prefix."""
+    """Some rows of the pool's cache, as a cache of their own for one forward. Adjacent rows are
+    a view of the pool (the plain KVCache path); scattered rows write into the pool and attend
+    over a copy of their filled prefix."""
 
     def __init__(self, pool: KVCache, slots: list[int]):
-        self.pool, self.buffers = pool, pool.buffers
-        self.slots = torch.tensor(slots, device=pool.pos.device)
-        adjacent = slots == list(range(slots[0], slots[0] + len(slots)))
-        self.span = slice(slots[0], slots[0] + len(slots)) if adjacent else None
-        self.pos = pool.pos[self.slots]               # the model advances it; the Engine copies it back
+        self.adjacent = slots == list(range(slots[0], slots[0] + len(slots)))
+        if self.adjacent:                             # views: the model's writes land in the pool
+            span = slice(slots[0], slots[0] + len(slots))
+            self.buffers, self.pos = tuple(buf[:, span] for buf in pool.buffers), pool.pos[span]
+        else:                                         # pos is a copy: the Engine writes it back
+            self.slots = torch.tensor(slots, device=pool.pos.device)
+            self.buffers, self.pos = pool.buffers, pool.pos[self.slots]
 
     def write(self, layer: int, k, v, rows, positions, length: int):
+        if self.adjacent:
+            return super().write(layer, k, v, rows, positions, length)
         slots = self.slots[rows]
         for buf, new in zip(self.buffers, (k, v)):
             buf[layer][slots, :, positions] = new.to(buf.dtype)
-        if self.span is not None:
-            return tuple(buf[layer, self.span, :, :length] for buf in self.buffers)
         return tuple(buf[layer, :, :, :length].index_select(0, self.slots) for buf in self.buffers)
 
 
@@ -222,9 +224,10 @@ class Engine:
     def step(self) -> int:
         """Sample a token for every row the last forward fed, then one ragged forward over the
         rows that have something to feed. Returns the number of tokens fed."""
-        live = [row.slot for row in self.live]
-        if live and 4 * (live[-1] + 1 - len(live)) >= live[-1] + 1:
+        live = self.live
+        if live and 4 * (live[-1].slot + 1 - len(live)) >= live[-1].slot + 1:
             self.compact()
+            live = self.live
         feeds: dict[int, list[int]] = {}
         fed = [(row, i) for row, i in self.fed if row.slot is not None]     # still in the pool
         if fed:
@@ -240,8 +243,8 @@ class Engine:
                     self.on_token(row)
                 if row.done:
                     self.leave(row)
-        for row in self.live:                     # new rows, and rows whose next chunk came
-            if row.slot not in feeds:
+        for row in live:                          # new rows, and rows whose next chunk came
+            if row.slot is not None and row.slot not in feeds:
                 feeds[row.slot] = row.advance()
         slots = sorted(s for s, f in feeds.items() if f and self.rows[s] is not None)
         self.fed, self.logits = [], None
@@ -251,7 +254,8 @@ class Engine:
             slots = list(range(slots[0], slots[-1] + 1))
         view = _Slots(self.cache, slots)
         self.logits = _forward(self.model, [feeds.get(s, []) for s in slots], view)
-        self.cache.pos[view.slots] = view.pos
+        if not view.adjacent:
+            self.cache.pos[view.slots] = view.pos
         self.fed = [(self.rows[s], i) for i, s in enumerate(slots) if feeds.get(s)]
         n = sum(len(feeds.get(s, [])) for s in slots)
         self.tokens += n
