@@ -143,11 +143,13 @@ def timings(s: Session) -> dict:
     gaps = [b - a for a, b, p, q in zip(s.wall, s.wall[1:], ep.is_policy, ep.is_policy[1:])
             if p and q]
     tps = len(gaps) / sum(gaps) if gaps and sum(gaps) > 0 else None
-    end = s.end_s if s.end_s is not None else 0.0
+    # a model that stops before the input ends (<EOA> inside a thought) kept no one waiting
+    end = s.end_s if s.end_s is not None else (policy[-1] if policy else 0.0)
     at_measured = resimulate(ep, tps) if tps else None
-    return {"residual_s": round(policy[-1] - end, 4) if policy else 0.0,
+    return {"residual_s": round(max(0.0, policy[-1] - end), 4) if policy else 0.0,
             "first_deep_token_s": round(deep[0] - end, 4) if deep else None,
-            "end_of_input_s": round(end, 4), "answer_done_s": round(policy[-1], 4) if policy else None,
+            "end_of_input_s": round(s.end_s, 4) if s.end_s is not None else None,
+            "answer_done_s": round(policy[-1], 4) if policy else None,
             "decode_tps": round(tps, 1) if tps else None,
             "chunks": [{"arrived_s": round(a, 4),
                         "thought_closed_s": round(s.closed[k], 4) if k in s.closed else None}

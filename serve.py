@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from adasr import BUDGET, Protocol, add_markers
+from adasr import BUDGET, LAYOUTS, Protocol, add_markers
 from checkpoint import load_pretrained
 from cli import ArgumentParser, UserError, at_least, check_device, checked, positive, run_cli
 from data import load_problems, marker_in, split_question
@@ -276,6 +276,7 @@ def load_engine(path: str, args, layout: str) -> Live:
 def main(argv=None) -> None:
     ap = ArgumentParser(description="Serve a model to live streams: HTTP + Server-Sent Events.")
     ap.add_argument("--model", required=True, help="checkpoint directory, .gguf file or 'smollm2'")
+    ap.add_argument("--layout", default="stream", choices=LAYOUTS, help="the layout of --model")
     ap.add_argument("--rtt-model", help="a read-then-think model served beside it ('rtt')")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=at_least(0), default=8000)
@@ -300,7 +301,7 @@ def main(argv=None) -> None:
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    engines = {"stream": load_engine(args.model, args, "stream")}
+    engines = {"stream": load_engine(args.model, args, args.layout)}
     if args.rtt_model:
         engines["rtt"] = load_engine(args.rtt_model, args, "read_then_think")
     server = Server((args.host, args.port), engines, held_out(args.problems, 20),

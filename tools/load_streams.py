@@ -15,9 +15,10 @@ session saw, the engine's tokens/s and rows fed per forward, and beside them the
 clock's residual for the same episodes (at its 20 tokens/s, and at the measured rate). It stops
 once p95 residual passes 2x the one-stream figure. Prints this machine's matmul GFLOP/s.
 
-``--soak N``: N sessions, 16 at a time, a third of them hanging up at a random moment, one in
-ten sending garbage first; then checks that every session got one acknowledgement per chunk and
-one response (or was hung up), that every row is back, and the server's memory before and after.
+``--soak N``: N sessions, --soak-at-once at a time, a third of them hanging up at a random moment,
+one in ten sending three bad messages first; then checks that every session got one
+acknowledgement per chunk, one error per bad message and one response (or hung up), that every
+row is back, and the server's memory over time.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from adasr import LAYOUTS
 from cli import ArgumentParser, UserError, at_least, number_list, positive, run_cli
 from report import matmul_gflops
 from serve import held_out
@@ -119,7 +121,7 @@ def stats(port: int) -> dict:
 def start_server(args, sessions: int) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, str(REPO / "serve.py"), "--model", args.model, "--port", "0",
            "--sessions", str(sessions), "--max-tokens", str(args.max_tokens),
-           "--budget", str(args.budget), "--threads", str(args.threads)]
+           "--budget", str(args.budget), "--threads", str(args.threads), "--layout", args.layout]
     if args.problems:
         cmd += ["--problems", args.problems]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -163,11 +165,12 @@ def level(port: int, problems: list[dict], n: int, per_speaker: int, wpm: float)
     lag = [c["thought_closed_s"] - c["arrived_s"] for r in done for c in r["chunks"]
            if c["thought_closed_s"] is not None]
     kept = [all(c["thought_closed_s"] is not None and c["thought_closed_s"] <= nxt["arrived_s"]
-                for c, nxt in zip(r["chunks"], r["chunks"][1:])) for r in done]
+                for c, nxt in zip(r["chunks"], r["chunks"][1:])) for r in done
+            if any(c["thought_closed_s"] is not None for c in r["chunks"])]   # read-then-think: none
     dt = after["time"] - before["time"]
     return {"n": n, "sessions": len(done), "refused": sum(sp.refused for sp in results),
             "residual": [r["residual_s"] for r in done], "lag": lag,
-            "kept": sum(kept) / max(1, len(kept)),
+            "kept": sum(kept) / len(kept) if kept else float("nan"),
             "tps": statistics.median([r["decode_tps"] for r in done if r["decode_tps"]] or [0]),
             "engine_tps": (after["tokens"] - before["tokens"]) / dt,
             "rows": (after["rows_fed"] - before["rows_fed"]) / max(1, after["steps"] - before["steps"]),
@@ -175,9 +178,14 @@ def level(port: int, problems: list[dict], n: int, per_speaker: int, wpm: float)
             "sim_measured": [r["simulated"]["residual_s_at_measured_tps"] or 0 for r in done]}
 
 
-def soak(port: int, pid: int, problems: list[dict], n: int, wpm: float, seconds: float) -> None:
+def soak(port: int, pid: int, problems: list[dict], n: int, wpm: float, seconds: float,
+         at_once: int) -> None:
+    """``n`` sessions, ``at_once`` at a time, for at most ``seconds``: a third hang up at a random
+    moment, one in ten sends three bad messages first. Then the books: acknowledgements, answers,
+    errors, rows, and the server's memory every 30 s."""
     rng = random.Random(0)
-    mem0, t0 = rss_mib(pid), time.perf_counter()
+    t0 = time.perf_counter()
+    memory = [(0.0, rss_mib(pid))]
     speakers: list[Speaker] = []
     lock = threading.Lock()
     todo = list(range(n))
@@ -188,33 +196,42 @@ def soak(port: int, pid: int, problems: list[dict], n: int, wpm: float, seconds:
                 if not todo:
                     return
                 i = todo.pop()
-                hang = rng.random() * 6.0 if rng.random() < 1 / 3 else None
-                garbage = rng.random() < 0.1
-            sp = Speaker(port, problems[i % len(problems)], wpm)
-            speakers.append(sp)
-            sp.hang = hang
-            sp.run(hang_up_at=hang, garbage=garbage)
-    threads = [threading.Thread(target=worker) for _ in range(16)]
+                sp = Speaker(port, problems[i % len(problems)], wpm)
+                sp.hang = rng.random() * 8.0 if rng.random() < 1 / 3 else None
+                sp.garbage = rng.random() < 0.1
+                speakers.append(sp)
+            sp.run(hang_up_at=sp.hang, garbage=sp.garbage)
+    threads = [threading.Thread(target=worker) for _ in range(at_once)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    while any(t.is_alive() for t in threads):
+        time.sleep(1.0)
+        if time.perf_counter() - t0 > 30 * len(memory):
+            memory.append((time.perf_counter() - t0, rss_mib(pid)))
     time.sleep(1.0)                             # the last hang-ups reach the engine
     st = stats(port)["stream"]
+    memory.append((time.perf_counter() - t0, rss_mib(pid)))
     whole = [sp for sp in speakers if sp.hang is None and not sp.refused]
-    ok = [sp for sp in whole if sum(1 for nm, _ in sp.events if nm == "response.done") == 1
-          and sum(1 for nm, _ in sp.events if nm == "chunk.accepted") == sp.sent == sp.acks]
+    names = {id(sp): [nm for nm, _ in sp.events] for sp in speakers}
+    ok = [sp for sp in whole if names[id(sp)].count("response.done") == 1
+          and names[id(sp)].count("chunk.accepted") == sp.sent == sp.acks == len(sp.problem["chunks"])
+          and names[id(sp)].count("error") == (3 if sp.garbage else 0)]
     hung = [sp for sp in speakers if sp.hang is not None]
-    print(f"soak: {len(speakers)} sessions in {time.perf_counter() - t0:.0f} s ({len(hung)} hung up, "
-          f"{sum(sp.refused for sp in speakers)} refused); of the {len(whole)} that spoke to the "
-          f"end, {len(ok)} got one acknowledgement per chunk and exactly one response; "
-          f"afterwards {st['sessions']} sessions open, {st['rows_in_use']} rows in use; server "
-          f"memory {mem0:.0f} MiB before, {rss_mib(pid):.0f} MiB after")
+    acked = [sp for sp in hung if names[id(sp)].count("chunk.accepted") == sp.sent == sp.acks]
+    print(f"soak: {len(speakers)} sessions in {time.perf_counter() - t0:.0f} s, {at_once} at a time, "
+          f"{wpm:g} wpm; {len(hung)} hung up, {sum(sp.garbage for sp in speakers)} sent garbage, "
+          f"{sum(sp.refused for sp in speakers)} refused")
+    print(f"  of the {len(whole)} that spoke to the end, {len(ok)} got one acknowledgement per chunk, "
+          f"one error per bad message and exactly one response; of the {len(hung)} that hung up, "
+          f"{len(acked)} had every chunk they sent acknowledged once")
+    print(f"  afterwards: {st['sessions']} sessions open, {st['rows_in_use']} of {st['rows']} rows in "
+          f"use; server memory (MiB) at " + ", ".join(f"{t:.0f} s {m:.0f}" for t, m in memory))
 
 
 def main(argv=None) -> None:
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
+    ap.add_argument("--layout", default="stream", choices=LAYOUTS, help="read_then_think for an RTT model")
     ap.add_argument("--problems", help="data file (default: the main job's held-out synthetic problems)")
     ap.add_argument("--streams", default=None, help="N to run (default 1, 2, 4, ... until it breaks)")
     ap.add_argument("--max-streams", type=at_least(1), default=256)
@@ -224,7 +241,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=at_least(1), default=512)
     ap.add_argument("--threads", type=at_least(1), default=1, help="torch threads of the server")
     ap.add_argument("--soak", type=at_least(1), default=None, help="run the soak with N sessions")
-    ap.add_argument("--soak-seconds", type=positive(float), default=300.0)
+    ap.add_argument("--soak-seconds", type=positive(float), default=290.0)
+    ap.add_argument("--soak-at-once", type=at_least(1), default=48, help="soak sessions at a time")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     levels = number_list("--streams", args.streams, int) if args.streams else None
@@ -232,11 +250,12 @@ def main(argv=None) -> None:
     cap = max(levels) if levels else args.max_streams
     proc, port = start_server(args, 64 if args.soak else cap)
     try:
-        print(f"model {args.model}, server --threads {args.threads}, matmul "
+        print(f"model {args.model} ({args.layout}), server --threads {args.threads}, matmul "
               f"{matmul_gflops():.0f} GFLOP/s fp32 ({torch.get_num_threads()} thread), {args.wpm:g} wpm, "
               f"{args.per_speaker} problems per speaker, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
         if args.soak:
-            return soak(port, proc.pid, problems, args.soak, args.wpm, args.soak_seconds)
+            return soak(port, proc.pid, problems, args.soak, args.wpm, args.soak_seconds,
+                        args.soak_at_once)
         print(f"{'N':>4} {'sess':>5} {'residual p50/p95/max s':>23} {'sim@20 p50':>10} "
               f"{'sim@meas p50':>12} {'chunk→thought p50/p95 s':>23} {'kept up':>7} "
               f"{'tok/s seen':>10} {'engine tok/s':>12} {'rows/fwd':>8}")
