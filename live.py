@@ -37,7 +37,7 @@ from adasr import BUDGET, DEEP, LAYOUTS, STREAM, Episode, Problem, Protocol, add
 from checkpoint import load_pretrained
 from cli import ArgumentParser, UserError, check_device, check_options, positive, run_cli
 from data import load_problems, marker_in, split_question
-from rollout import Engine, _Row
+from rollout import Engine, _Row, check_context
 
 
 class InputError(ValueError):
@@ -332,9 +332,8 @@ class Live:
             if time.perf_counter() - last_expiry > 0.5:
                 self._expire()
                 last_expiry = time.perf_counter()
-            if self.engine.busy:
-                self.engine.step()
-                self.steps += 1
+            if self.engine.busy and self.engine.step():
+                self.steps += 1                       # a forward ran: count it and its rows
                 self.rows_fed += len(self.engine.fed)
 
 
@@ -535,15 +534,9 @@ def main(argv=None) -> None:
     add_markers(model, tok)
     model.eval()
     protocol = Protocol(tok, wpm=args.wpm, decode_tps=args.decode_tps)
-    limit = model.cfg.max_seq_len
-    for p in problems:
-        n = sum(len(ids) for ids, _ in protocol.blocks(p, "stream"))
-        if n + args.budget > limit:
-            raise UserError(f"problem {p.id}: {n} observation tokens + --budget {args.budget} "
-                            f"policy tokens exceed the model's context of {limit} tokens "
-                            "(max_position_embeddings); lower --budget or shorten the problem")
-    live = Live(model, protocol, Limits(sessions=1, max_len=limit, budget=args.budget,
-                                        idle_s=float("inf")),
+    check_context(model, protocol, problems, args.budget)
+    live = Live(model, protocol, Limits(sessions=1, max_len=model.cfg.max_seq_len,
+                                        budget=args.budget, idle_s=float("inf")),
                 layout=args.layout, temperature=args.temperature)
     realtime = not (args.problem is not None or args.data)
 

@@ -48,6 +48,7 @@ class Server(ThreadingHTTPServer):
     """The HTTP server: its engines (``stream``, and ``rtt`` when a read-then-think model is
     served), the open sessions by id, and the problems the page offers."""
     daemon_threads = True
+    request_queue_size = 256                # the listen backlog: many clients connect at once
 
     def __init__(self, address, engines: dict[str, Live], problems: list[dict], *,
                  max_bytes: int = 16384, heartbeat_s: float = 15.0):

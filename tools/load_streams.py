@@ -25,6 +25,7 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,7 @@ class Speaker:
         self.events: list[tuple[str, dict]] = []
         self.acks = self.sent = 0
         self.refused = False
+        self.created = threading.Event()
 
     def post(self, sid: str, body: dict | bytes) -> int:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
@@ -60,6 +62,8 @@ class Speaker:
 
     def run(self, hang_up_at: float | None = None, garbage: bool = False) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        conn.connect()
+        sock = conn.sock                        # to hang up for real (the reader holds it open)
         conn.request("POST", "/v1/sessions", json.dumps({"question": self.problem["question"],
                                                          "answer": self.problem["answer"],
                                                          "model": self.model}))
@@ -69,8 +73,7 @@ class Speaker:
             return
         reader = threading.Thread(target=self._read, args=(resp,), daemon=True)
         reader.start()
-        while not self.events:
-            time.sleep(0.001)
+        self.created.wait()
         sid, t0 = self.events[0][1]["id"], time.perf_counter()
         if garbage:
             self.post(sid, b"\xff\xfe not utf-8")
@@ -91,6 +94,8 @@ class Speaker:
             conn.close()
             return
         time.sleep(random.random())             # hang up while the model works, or waits
+        sock.shutdown(socket.SHUT_RDWR)
+        reader.join()
         resp.close()
         conn.close()
 
@@ -103,8 +108,10 @@ class Speaker:
                     name = line[7:].strip()
                 elif line.startswith("data: "):
                     self.events.append((name, json.loads(line[6:])))
+                    self.created.set()
         except (OSError, ValueError):           # we hung up
             pass
+        self.created.set()
 
     def result(self) -> dict | None:
         return next((d for n, d in self.events if n == "timings"), None)
@@ -152,7 +159,10 @@ def level(port: int, problems: list[dict], n: int, per_speaker: int, wpm: float)
         time.sleep(rng.random() * 2.0)          # speakers do not start in lockstep
         for j in range(per_speaker):
             sp = Speaker(port, problems[(i * per_speaker + j) % len(problems)], wpm)
-            sp.run()
+            try:
+                sp.run()
+            except OSError:                     # a timeout or a reset: the session is lost
+                pass
             results.append(sp)
     before = stats(port)["stream"]
     threads = [threading.Thread(target=speaker, args=(i,)) for i in range(n)]
@@ -168,7 +178,7 @@ def level(port: int, problems: list[dict], n: int, per_speaker: int, wpm: float)
                 for c, nxt in zip(r["chunks"], r["chunks"][1:])) for r in done
             if any(c["thought_closed_s"] is not None for c in r["chunks"])]   # read-then-think: none
     dt = after["time"] - before["time"]
-    return {"n": n, "sessions": len(done), "refused": sum(sp.refused for sp in results),
+    return {"n": n, "sessions": len(done), "lost": len(results) - len(done),
             "residual": [r["residual_s"] for r in done], "lag": lag,
             "kept": sum(kept) / len(kept) if kept else float("nan"),
             "tps": statistics.median([r["decode_tps"] for r in done if r["decode_tps"]] or [0]),
@@ -256,7 +266,7 @@ def main(argv=None) -> None:
         if args.soak:
             return soak(port, proc.pid, problems, args.soak, args.wpm, args.soak_seconds,
                         args.soak_at_once)
-        print(f"{'N':>4} {'sess':>5} {'residual p50/p95/max s':>23} {'sim@20 p50':>10} "
+        print(f"{'N':>4} {'sess':>5} {'lost':>4} {'residual p50/p95/max s':>23} {'sim@20 p50':>10} "
               f"{'sim@meas p50':>12} {'chunk→thought p50/p95 s':>23} {'kept up':>7} "
               f"{'tok/s seen':>10} {'engine tok/s':>12} {'rows/fwd':>8}")
         first, n, todo = None, 1, list(levels or [])
@@ -267,7 +277,7 @@ def main(argv=None) -> None:
                 n = todo.pop(0)
             r = level(port, problems, n, args.per_speaker, args.wpm)
             res = r["residual"]
-            print(f"{n:>4} {r['sessions']:>5} {pct(res, .5):7.2f} {pct(res, .95):7.2f} {max(res):7.2f} "
+            print(f"{n:>4} {r['sessions']:>5} {r['lost']:>4} {pct(res, .5):7.2f} {pct(res, .95):7.2f} {max(res):7.2f} "
                   f"{pct(r['sim'], .5):10.2f} {pct(r['sim_measured'], .5):12.2f} "
                   f"{pct(r['lag'], .5):11.2f} {pct(r['lag'], .95):11.2f} {r['kept']:7.0%} "
                   f"{r['tps']:10.0f} {r['engine_tps']:12.0f} {r['rows']:8.1f}", flush=True)
