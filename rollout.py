@@ -211,14 +211,16 @@ class Engine:
 
     def compact(self) -> None:
         """Move the live rows down into the free slots below them, in slot order."""
-        for i, row in enumerate(self.live):
+        live, pos = self.live, self.cache.pos.tolist()
+        for i, row in enumerate(live):
             if row.slot != i:
-                n = int(self.cache.pos[row.slot])
                 for buf in self.cache.buffers:
-                    buf[:, i, :, :n] = buf[:, row.slot, :, :n]
-                self.cache.pos[i] = n
-                self.cache.pos[row.slot] = 0
-                self.rows[i], self.rows[row.slot], row.slot = row, None, i
+                    buf[:, i, :, :pos[row.slot]] = buf[:, row.slot, :, :pos[row.slot]]
+                self.rows[i], self.rows[row.slot] = row, None
+        self.cache.pos[:len(live)] = torch.tensor([pos[row.slot] for row in live])
+        self.cache.pos[len(live):] = 0
+        for i, row in enumerate(live):
+            row.slot = i
 
     @torch.no_grad()
     def step(self) -> int:

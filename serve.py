@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import select
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -57,6 +58,10 @@ class Server(ThreadingHTTPServer):
         self.max_bytes, self.heartbeat_s = max_bytes, heartbeat_s
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)      # a client that hung up is no error
 
     def stop(self) -> None:
         self.shutdown()
@@ -237,10 +242,12 @@ class Handler(BaseHTTPRequestHandler):
             return
 
     def gone(self) -> bool:
-        """Whether the client closed its end (readable with nothing to read)."""
+        """Whether the client closed its end (readable with nothing to read). poll, not select:
+        select cannot watch a descriptor above 1023, and a busy server has more."""
         try:
-            ready, _, _ = select.select([self.connection], [], [], 0)
-            return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            poll = select.poll()
+            poll.register(self.connection, select.POLLIN)
+            return bool(poll.poll(0)) and self.connection.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True
 

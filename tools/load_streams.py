@@ -29,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -131,10 +132,12 @@ def start_server(args, sessions: int) -> tuple[subprocess.Popen, int]:
            "--budget", str(args.budget), "--threads", str(args.threads), "--layout", args.layout]
     if args.problems:
         cmd += ["--problems", args.problems]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    # the server's stderr goes to a file: a pipe nobody reads would block it once full
+    log = open(Path(tempfile.gettempdir()) / "load_streams_server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO)
     line = proc.stdout.readline()
     if "http://" not in line:
-        raise UserError(f"serve.py did not start: {line}{proc.stderr.read()}")
+        raise UserError(f"serve.py did not start: {line}{Path(log.name).read_text()}")
     return proc, int(line.split("http://")[1].split("/")[0].split(":")[1])
 
 
