@@ -188,7 +188,7 @@ class Live:
     """One Engine stepped by a thread of its own; sessions join and leave between its steps."""
 
     def __init__(self, model, protocol: Protocol, limits: Limits, *, layout: str = "stream",
-                 temperature: float = 0.0):
+                 temperature: float = 0.0, start: bool = True):
         self.protocol, self.limits, self.layout = protocol, limits, layout
         self.engine = Engine(model, protocol, slots=limits.sessions, max_len=limits.max_len,
                              budget=limits.budget, temperature=temperature, on_token=self._on_token)
@@ -199,7 +199,8 @@ class Live:
         self.steps = self.rows_fed = 0                # meters: forwards, rows fed by them
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self.thread.start()
+        if start:                                     # (a benchmark queues its sessions first)
+            self.thread.start()
 
     # -- the callers' side (any thread) ----------------------------------------------------------
     def open(self, question: str, answer: str = "", seed: str = "0",

@@ -3,8 +3,10 @@
     python -m tools.bench_engine --model runs/default/hrpo --rows 32 --threads 1
 
 The same N held-out problems, greedy (so both write the same tokens), every chunk there at once:
-once through ``rollout()``, once as N live sessions (live.Live: the engine in its thread, each
-token stamped and turned into events, read by a thread per session as a client would). Prints
+once through ``rollout()``, then as N live sessions (live.Live: the engine in its thread, each
+token stamped and turned into events), all queued before the engine starts so that N rows are
+busy from the first step: once with the events left unread, once read by a thread per session
+as serve.py's handlers read them (each event wakes its reader, which takes the interpreter lock). Prints
 tokens/s (all tokens after the prompts, policy and observations) of each, medians of --repeats
 interleaved runs, and their ratio, beside this machine's matmul GFLOP/s.
 """
@@ -41,44 +43,50 @@ def main(argv=None) -> None:
     protocol = Protocol(tok)
     problems = [Problem(p["id"], p["question"], p["chunks"], p["answer"])
                 for p in held_out(args.problems, args.rows)]
-    live = Live(model, protocol, Limits(sessions=args.rows, max_len=1024, budget=args.budget))
 
     def ours() -> int:
         episodes = rollout(model, protocol, problems, budget=args.budget, temperature=0.0)
         return sum(len(ep.tokens) - ep.prompt_len for ep in episodes)
 
-    def served() -> int:
+    def served(readers: bool) -> int:
+        # every session queued before the engine starts: N rows busy from the first step
+        live = Live(model, protocol, Limits(sessions=args.rows, max_len=1024, budget=args.budget),
+                    start=False)
         sessions = [live.open(p.question, p.answer) for p in problems]
 
         def client(s):                          # reads its events as the server's handler would
             while s.events.get() is not None:
                 pass
-        readers = [threading.Thread(target=client, args=(s,)) for s in sessions]
-        for r in readers:
-            r.start()
+        threads = [threading.Thread(target=client, args=(s,)) for s in sessions] if readers else []
+        for t in threads:
+            t.start()
         for s, p in zip(sessions, problems):
             for chunk in p.chunks:
                 live.append(s, chunk)
             live.end(s)
-        for r in readers:
-            r.join()
+        live.thread.start()
+        for t in threads:
+            t.join()
+        while live.sessions:                    # without readers: until every session is done
+            time.sleep(0.001)
+        live.stop()
         return sum(len(s.row.ep.tokens) - s.row.ep.prompt_len for s in sessions)
 
     runs = []
     for _ in range(args.repeats):
         row = []
-        for fn in (ours, served):
+        for fn in (ours, lambda: served(False), lambda: served(True)):
             t = time.perf_counter()
             n = fn()
             row.append(n / (time.perf_counter() - t))
         runs.append(row)
-    live.stop()
-    r_tps, l_tps = (statistics.median(col) for col in zip(*runs))
+    r_tps, l_tps, c_tps = (statistics.median(col) for col in zip(*runs))
     print(f"model {args.model}: {args.rows} rows, greedy, budget {args.budget}, {args.threads} "
           f"thread(s), matmul {matmul_gflops():.0f} GFLOP/s fp32, median of {args.repeats} "
           f"interleaved runs, {n} tokens after the prompts a run")
-    print(f"  rollout()            {r_tps:8.0f} tok/s")
-    print(f"  live engine, N rows  {l_tps:8.0f} tok/s   ({l_tps / r_tps:.2f}x the rollout)")
+    print(f"  rollout()                                  {r_tps:8.0f} tok/s")
+    print(f"  live engine, N sessions, events unread     {l_tps:8.0f} tok/s   ({l_tps / r_tps:.2f}x)")
+    print(f"  ... and a reader thread per session        {c_tps:8.0f} tok/s   ({c_tps / r_tps:.2f}x)")
 
 
 if __name__ == "__main__":
