@@ -1,30 +1,24 @@
 """rollout.py — the engine: rows of one KV cache, each reading its stream chunk by chunk, stepped
 by one ragged forward at a time; the RL rollout is the engine with every chunk already there.
 
-Every row reads its stream chunk by chunk. The environment feeds a chunk's tokens as
-observations; the model writes a thought until it emits ``<EOT>`` (just ``<EOT>`` is a skip); then
-the next chunk comes — at once if it is there, else when it arrives. After ``<EOI>`` the model
-writes the deep phase and the row stops at ``<EOA>`` (or the model's own end token), or at the
-token budget (then it is *truncated*). Read-then-think runs in the same loop: its stream is a
-single block, so all thinking comes after the last chunk (see ``adasr.Protocol.blocks``).
+A row is fed a chunk's tokens as observations; the model writes a thought until ``<EOT>`` (just
+``<EOT>`` is a skip); then the next chunk comes — at once if it is there, else when it arrives.
+After ``<EOI>`` the model writes the deep phase and the row stops at ``<EOA>`` (or the model's
+end token) or at the token budget (*truncated*). Read-then-think is one block (Protocol.blocks).
 
-* ``_Row``   — the protocol as one row lives it, written once: what a token does, what the row
-               feeds next, when it waits and when it stops. A live stream's chunks arrive into it.
-* ``Engine`` — a pool of rows (slots of one KVCache). Rows join and leave between steps. A step
-               samples a token for every row fed in the last one, then runs ONE ragged forward
-               over the rows that have something to feed: a sampled token, or a closed thought's
-               ``<EOT>`` followed by the whole next chunk (a chunk costs one step, not one step per
-               token). A row whose thought is done and whose next chunk has not arrived feeds
-               nothing and is not in the forward; a chunk that arrives mid-thought waits for <EOT>.
-* ``rollout`` — B problems × G samples through an Engine; live streams: live.py and serve.py.
+* ``_Row``    — the protocol as one row lives it, written once: what a token does, what the row
+                feeds next, when it waits, when it stops. A live stream's chunks arrive into it.
+* ``Engine``  — a pool of rows (slots of one KVCache) that join and leave between steps. A step
+                samples a token for every row fed in the last one, then ONE ragged forward over
+                the rows with something to feed: the sampled token, or a closed thought's <EOT>
+                with the whole next chunk (a chunk costs one step). A row waiting for its chunk
+                is in no forward; a chunk that arrives mid-thought waits for the <EOT>.
+* ``rollout`` — B problems × G samples through an Engine; live streams: live.py, serve.py.
 
-Design decisions: the projections and the MLP run on the fed tokens only, and only attention is
-padded, to the longest row of the step (kvcache.CacheStep). A group's shared prompt is prefilled
-once and its cache row copied into the G rows. Each row draws its random numbers from its own
-stream, seeded by (seed, problem, sample), so its tokens do not depend on its neighbours (GRPO and
-HRPO, paired, see the same numbers). Log-probs are recorded under the sampling temperature with
-plain temperature sampling (``model.sample``), exactly those of the training forward: the first
-PPO ratio is exactly 1.
+Decisions: a group's prompt is prefilled once and its cache row copied into the G rows; each row
+draws from its own random stream, seeded by (seed, problem, sample), so its tokens do not depend
+on its neighbours (paired GRPO and HRPO see the same numbers); log-probs are recorded under the
+sampling temperature with plain sampling (``model.sample``): exactly the training forward's.
 """
 from __future__ import annotations
 
