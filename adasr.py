@@ -438,5 +438,5 @@ class Protocol:
 if __name__ == "__main__":      # a library: say where the programs are rather than do nothing
     import sys
     print("error: adasr.py is the protocol library, not a program; stream a problem with "
-          "python rollout.py --model DIR --problem TEXT, train with python train.py", file=sys.stderr)
+          "python live.py --model DIR --problem TEXT, train with python train.py", file=sys.stderr)
     sys.exit(2)

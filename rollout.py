@@ -1,54 +1,261 @@
-"""rollout.py — the chunk-by-chunk rollout loop: B problems × G samples, one batched forward a step.
+"""rollout.py — the engine: rows of one KV cache, each reading its stream chunk by chunk, stepped
+by one ragged forward at a time; the RL rollout is the engine with every chunk already there.
 
-This file owns the rollout loop that turns problems into finished Episodes (``rollout``; it
-samples with ``model.sample``, the one definition of the policy's distribution), and streaming
-inference from the command line (``python rollout.py --model DIR --problem "..."``, ``LiveView``).
+A row is fed a chunk's tokens as observations; the model writes a thought until ``<EOT>`` (just
+``<EOT>`` is a skip); then the next chunk comes — at once if it is there, else when it arrives.
+After ``<EOI>`` the model writes the deep phase and the row stops at ``<EOA>`` (or the model's
+end token) or at the token budget (*truncated*). Read-then-think is one block (Protocol.blocks).
 
-Every row reads its stream chunk by chunk. The environment feeds a chunk's tokens as
-observations; the model writes a thought until it emits ``<EOT>`` (just ``<EOT>`` is a skip); then
-the next chunk comes. After ``<EOI>`` the model writes the deep phase and the row stops at
-``<EOA>`` (or the model's own end token), or at the token budget (then it is *truncated*).
-Read-then-think runs in the same loop: its stream is a single block, so all thinking comes after
-the last chunk (see ``adasr.Protocol.blocks``).
+* ``_Row``    — the protocol as one row lives it, written once: what a token does, what the row
+                feeds next, when it waits, when it stops. A live stream's chunks arrive into it.
+* ``Engine``  — a pool of rows (slots of one KVCache) that join and leave between steps. A step
+                samples a token for every row fed in the last one, then ONE ragged forward over
+                the rows with something to feed: the sampled token, or a closed thought's <EOT>
+                with the whole next chunk (a chunk costs one step). A row waiting for its chunk
+                is in no forward; a chunk that arrives mid-thought waits for the <EOT>.
+* ``rollout`` — B problems × G samples through an Engine; live streams: live.py, serve.py.
 
-Design decisions
-----------------
-* One ragged forward per step (``model(ids, cache, lengths=...)``). At every step each row feeds
-  what it has: the token it just sampled, or — when that token closed a thought — the ``<EOT>``
-  followed by the whole next chunk, so that a chunk costs one step, not one step per token. Rows
-  never wait for each other: one row can be reading chunk 3 while its neighbour is thinking about
-  chunk 1. The projections and MLP run on the real tokens only; only the attention is padded to
-  the longest row of the step (kvcache.CacheStep).
-* The shared prompt (observation block 0) is prefilled once per problem, in the same ragged
-  forward, and copied into the G rows of its group with ``cache.select``.
-* Finished rows feed nothing, and are dropped from the batch (``cache.select``) once they make
-  up a quarter of it: compacting copies the whole cache, so doing it at every finished row would
-  cost more than the few padded attention rows it saves.
-* Each row draws its random numbers from its own stream, seeded by (seed, problem index, sample):
-  its samples do not depend on its neighbours, so the same row in two jobs (GRPO and HRPO,
-  paired) sees the same random numbers however the other rows of the batch went.
-* Log-probabilities are recorded under the sampling temperature with plain temperature sampling
-  (the rollout offers no top-k/top-p), so they are exactly the ones the training forward
-  computes: the first PPO ratio is exactly 1.
+Decisions: a group's prompt is prefilled once and its cache row copied into the G rows; each row
+draws from its own random stream, seeded by (seed, problem, sample), so its tokens do not depend
+on its neighbours (paired GRPO and HRPO see the same numbers); log-probs are recorded under the
+sampling temperature with plain sampling (``model.sample``): exactly the training forward's.
 """
 from __future__ import annotations
 
-import json
 import random
 from typing import Callable
 
 import torch
 
-from adasr import BUDGET, DEEP, LAYOUTS, STREAM, Episode, Problem, Protocol
-from checkpoint import add_markers, load_pretrained
-from cli import ArgumentParser, UserError, check_device, check_options, run_cli
-from data import load_problems, marker_in, split_question
+from adasr import DEEP, STREAM, Episode, Problem, Protocol
+from cli import UserError
+from kvcache import KVCache
 from model import sample
 
 # ---------------------------------------------------------------------------------------------
-# The rollout
+# One row: the protocol, once
 # ---------------------------------------------------------------------------------------------
 
+class _Row:
+    """One stream being read: its episode, its observation blocks so far, the index of the last
+    block fed, how many tokens the policy wrote, its random stream, and what it holds back for
+    the next block (``hold``: nothing at the start, the closing <EOT> after a thought; None while
+    the model writes). ``final`` says the stream is complete: the last block ends with <EOI>.
+
+    The RL rollout makes rows of whole problems (every block there from the start); a live
+    stream starts with the question alone and grows with ``arrive`` and ``end``."""
+
+    def __init__(self, protocol: Protocol, problem: Problem, layout: str, rng: random.Random,
+                 final: bool = True):
+        self.protocol, self.layout, self.rng = protocol, layout, rng
+        self.ep = protocol.episode(problem, layout)
+        self.final, self.block, self.n_policy = final, -1, 0
+        self.hold: list[int] | None = []
+        self.slot: int | None = None                  # its row of the Engine's cache, while in it
+        self.blocks = self._blocks()
+
+    def _blocks(self) -> list[tuple[list[int], list[int]]]:
+        """The blocks of the chunks that are there; the last one (<EOI>, or read-then-think's
+        only block) once the stream is final. Earlier blocks never change as chunks arrive."""
+        blocks = self.protocol.blocks(self.ep.problem, self.layout)
+        return blocks if self.final else blocks[:-1]
+
+    def arrive(self, chunk: str) -> None:
+        """A chunk of a live stream has arrived: it is fed after the current thought's <EOT>."""
+        self.ep.problem.chunks.append(chunk)
+        self.ep.arrivals = self.protocol.arrivals(self.ep.problem)    # the simulated clock's
+        self.blocks = self._blocks()
+
+    def end(self) -> None:
+        """The live stream is over: <EOI> is fed after the current thought."""
+        self.final = True
+        self.blocks = self._blocks()
+
+    @property
+    def phase(self) -> int:
+        """After the last block the model is in the deep phase; before it, streaming."""
+        return DEEP if self.final and self.block == len(self.blocks) - 1 else STREAM
+
+    @property
+    def done(self) -> bool:
+        return self.ep.parsed is not None
+
+    @property
+    def ready(self) -> bool:
+        """Its thought is closed (or it has not started) and its next block is there."""
+        return self.hold is not None and self.block + 1 < len(self.blocks)
+
+    @property
+    def waiting(self) -> bool:
+        """Its thought is closed (or it has not started) and its next block has not arrived."""
+        return self.hold is not None and not self.ready and not self.done
+
+    def advance(self) -> list[int]:
+        """What the row feeds once its next block is there: the held tokens and the block
+        (recorded in the episode); nothing while the model is writing or the block is missing."""
+        if not self.ready:
+            return []
+        self.block += 1
+        ids, chunks = self.blocks[self.block]
+        self.ep.append(ids, policy=False, phase=self.phase, chunk=chunks)
+        feed, self.hold = self.hold + ids, None
+        return feed
+
+    def write(self, tok: int, logp: float, budget: int) -> list[int]:
+        """The model wrote ``tok``: record it, and return what the row feeds next — the token;
+        the token and the next block when it closed a thought (nothing yet if that block has not
+        arrived: the row waits); nothing once the row is finished (stop token, or the budget:
+        checked first, so a row whose budget-th token is <EOT> stops there)."""
+        protocol, deep = self.protocol, self.phase == DEEP
+        self.ep.append([tok], policy=True, phase=self.phase,
+                       chunk=len(self.ep.problem.chunks) if deep else self.block, logprobs=[logp])
+        self.n_policy += 1
+        if tok in protocol.stop_ids or self.n_policy >= budget:
+            self.ep.truncated = tok not in protocol.stop_ids
+            protocol.finish(self.ep)
+            return []
+        if not deep and tok == protocol.eot:            # thought done: on to the next block
+            self.hold = [tok]
+            return self.advance()
+        return [tok]
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: a pool of rows, one ragged forward a step
+# ---------------------------------------------------------------------------------------------
+
+class _Slots(KVCache):
+    """Some rows of the pool's cache, as a cache of their own for one forward. Adjacent rows are
+    a view of the pool (the plain KVCache path); scattered rows write into the pool and attend
+    over a copy of their filled prefix."""
+
+    def __init__(self, pool: KVCache, slots: list[int]):
+        self.adjacent = slots == list(range(slots[0], slots[0] + len(slots)))
+        if self.adjacent:                             # views: the model's writes land in the pool
+            span = slice(slots[0], slots[0] + len(slots))
+            self.buffers, self.pos = tuple(buf[:, span] for buf in pool.buffers), pool.pos[span]
+        else:                                         # pos is a copy: the Engine writes it back
+            self.slots = torch.tensor(slots, device=pool.pos.device)
+            self.buffers, self.pos = pool.buffers, pool.pos[self.slots]
+
+    def write(self, layer: int, k, v, rows, positions, length: int):
+        if self.adjacent:
+            return super().write(layer, k, v, rows, positions, length)
+        slots = self.slots[rows]
+        for buf, new in zip(self.buffers, (k, v)):
+            buf[layer][slots, :, positions] = new.to(buf.dtype)
+        return tuple(buf[layer, :, :, :length].index_select(0, self.slots) for buf in self.buffers)
+
+
+class Engine:
+    """A pool of ``slots`` rows of up to ``max_len`` tokens each, in one KV cache, stepped by one
+    ragged forward at a time (``step``). Rows ``join`` and ``leave`` between steps; a finished
+    row leaves by itself. ``on_token(row)`` is called whenever a row's episode grows by a token
+    it wrote (and the block that token let in).
+
+    Which rows the forward sees: a row fed nothing is in no matmul. Attention needs the fed
+    rows' keys side by side: when the fed rows fill at least half of the slots from the first to
+    the last of them, attention runs over that span of the cache as it lies (a row fed nothing
+    in it costs one masked query); when they are sparser, over a copy of the fed rows' keys,
+    cheaper then. Live rows are moved down into freed slots once those are a quarter of the
+    span in use, so that the span stays dense (a rollout's finished rows, a server's departed
+    sessions); a move copies one row's filled prefix."""
+
+    def __init__(self, model, protocol: Protocol, *, slots: int, max_len: int, budget: int,
+                 temperature: float, on_token: Callable[[_Row], None] | None = None):
+        self.model, self.protocol, self.budget, self.temperature = model, protocol, budget, temperature
+        self.cache = model.new_cache(slots, max_len)
+        self.rows: list[_Row | None] = [None] * slots         # the row in each slot
+        self.on_token = on_token
+        self.fed: list[tuple[_Row, int]] = []     # rows fed by the last forward, their logits row
+        self.logits: torch.Tensor | None = None
+        self.tokens = 0                           # tokens computed since the start (a meter)
+
+    @property
+    def live(self) -> list[_Row]:
+        return [row for row in self.rows if row is not None]
+
+    @property
+    def busy(self) -> bool:
+        """Whether a step would do anything: a row to sample, or a row with a block to feed."""
+        return bool(self.fed) or any(row.ready for row in self.live)
+
+    def join(self, row: _Row, slot: int | None = None, like: _Row | None = None) -> None:
+        """Give ``row`` a free slot (the lowest, or ``slot``). With ``like`` — a row of the same
+        prompt fed by the last step — its cache row is copied instead of prefilled again, and
+        the new row samples from the same logits (a group's G samples of one prompt)."""
+        slot = self.rows.index(None) if slot is None else slot
+        if self.rows[slot] is not None:
+            raise ValueError(f"slot {slot} is taken")
+        self.rows[slot], row.slot = row, slot
+        self.cache.pos[slot] = 0
+        if like is not None:
+            n = int(self.cache.pos[like.slot])
+            for buf in self.cache.buffers:
+                buf[:, slot, :, :n] = buf[:, like.slot, :, :n]
+            self.cache.pos[slot] = n
+            row.advance()                         # its episode gets the prompt just copied
+            self.fed.append((row, next(i for r, i in self.fed if r is like)))
+
+    def leave(self, row: _Row) -> None:
+        """Free the row's slot at once (a finished row, or a client that went away)."""
+        if row.slot is not None:
+            self.cache.pos[row.slot] = 0          # keeps the longest row of a span honest
+            self.rows[row.slot], row.slot = None, None
+
+    def compact(self) -> None:
+        """Move the live rows down into the free slots below them, in slot order."""
+        live, pos = self.live, self.cache.pos.tolist()
+        for i, row in enumerate(live):
+            if row.slot != i:
+                for buf in self.cache.buffers:
+                    buf[:, i, :, :pos[row.slot]] = buf[:, row.slot, :, :pos[row.slot]]
+                self.rows[i], self.rows[row.slot] = row, None
+        self.cache.pos[:len(live)] = torch.tensor([pos[row.slot] for row in live])
+        self.cache.pos[len(live):] = 0
+        for i, row in enumerate(live):
+            row.slot = i
+
+    @torch.no_grad()
+    def step(self) -> int:
+        """Sample a token for every row the last forward fed, then one ragged forward over the
+        rows that have something to feed. Returns the number of tokens fed."""
+        live = self.live
+        if live and 4 * (live[-1].slot + 1 - len(live)) >= live[-1].slot + 1:
+            self.compact()
+            live = self.live
+        feeds: dict[int, list[int]] = {}
+        fed = [(row, i) for row, i in self.fed if row.slot is not None]     # still in the pool
+        if fed:
+            index = [i for _, i in fed]
+            logits = self.logits if index == list(range(len(self.logits))) else self.logits[index]
+            # one number a row from the row's own stream
+            uniform = (torch.tensor([row.rng.random() for row, _ in fed])
+                       if self.temperature > 0 else None)
+            tokens, logps = sample(logits, self.temperature, uniform)
+            for (row, _), tok, logp in zip(fed, tokens.tolist(), logps.tolist()):
+                feeds[row.slot] = row.write(tok, logp, self.budget)
+                if self.on_token is not None:
+                    self.on_token(row)
+                if row.done:
+                    self.leave(row)
+        for row in live:                          # new rows, and rows whose next chunk came
+            if row.slot is not None and row.slot not in feeds:
+                feeds[row.slot] = row.advance()
+        slots = sorted(s for s, f in feeds.items() if f and self.rows[s] is not None)
+        self.fed, self.logits = [], None
+        if not slots:
+            return 0
+        if 2 * len(slots) >= slots[-1] - slots[0] + 1:         # dense: the span as it lies
+            slots = list(range(slots[0], slots[-1] + 1))
+        view = _Slots(self.cache, slots)
+        self.logits = _forward(self.model, [feeds.get(s, []) for s in slots], view)
+        if not view.adjacent:
+            self.cache.pos[view.slots] = view.pos
+        self.fed = [(self.rows[s], i) for i, s in enumerate(slots) if feeds.get(s)]
+        n = sum(len(feeds.get(s, [])) for s in slots)
+        self.tokens += n
+        return n
 
 
 def _forward(model, feeds: list[list[int]], cache) -> torch.Tensor:
@@ -64,6 +271,10 @@ def _forward(model, feeds: list[list[int]], cache) -> torch.Tensor:
     return model.logits(hidden[torch.arange(len(feeds), device=device), last])
 
 
+# ---------------------------------------------------------------------------------------------
+# The RL rollout: the engine with every chunk already there
+# ---------------------------------------------------------------------------------------------
+
 # no_grad, not inference_mode: under bf16 autocast, the casts of the weights are cached for the
 # whole rollout only outside inference mode; inside it every decode step casts every weight again
 # (which doubled SmolLM2's decode step on an AMX CPU; docs/speed.md).
@@ -77,44 +288,24 @@ def rollout(model, protocol: Protocol, problems: list[Problem], *, group_size: i
     the policy tokens of each row. ``temperature=0`` is greedy. Sample g of problem b draws its
     random numbers from its own stream, seeded by (``seed``, ``first`` + b, g): its tokens do not
     depend on which other rows share the batch (``first``: where ``problems`` start in a longer
-    list, so that a share of it samples as the whole would). ``on_token(episode)`` is called whenever a row's episode
-    grows after its prompt (``LiveView`` prints the stream).
+    list, so that a share of it samples as the whole would). ``on_token(episode)`` is called
+    whenever a row's episode grows after its prompt.
     """
-    device = next(model.parameters()).device
     B, G = len(problems), group_size
-    blocks = [protocol.blocks(p, layout) for p in problems]
-    longest = max(sum(len(ids) for ids, _ in b) for b in blocks) + budget
-    cache = model.new_cache(B, longest, capacity=B * G)
-    logits = _forward(model, [b[0][0] for b in blocks], cache)      # prefill every prompt
-
-    # Copy each prompt into its G rows.
-    group = torch.arange(B, device=device).repeat_interleave(G)
-    cache.select(group)
-    logits = logits[group]
-    rows = [_Row(protocol.episode(problems[b], layout), blocks[b],
-                       random.Random(f"{seed}/{first + b}/{g}")) for b in range(B) for g in range(G)]
-
-    active = list(rows)                 # the row state of each row of the cache, in cache order
-    while active:
-        # one number a row from the row's own stream (finished rows draw none)
-        uniform = (torch.tensor([0.0 if row.done else row.rng.random() for row in active])
-                   if temperature > 0 else None)
-        tokens, logps = sample(logits, temperature, uniform)
-        feeds = []
-        for row, tok, logp in zip(active, tokens.tolist(), logps.tolist()):
-            if row.done:                            # finished, waiting for compaction
-                feeds.append([])
-                continue
-            feeds.append(row.write(tok, logp, protocol, budget))
-            if on_token is not None:
-                on_token(row.ep)
-        if 4 * sum(row.done for row in active) >= len(active):   # compact: drop finished rows
-            keep = [r for r, row in enumerate(active) if not row.done]
-            if not keep:
-                break
-            active, feeds = [active[r] for r in keep], [feeds[r] for r in keep]
-            cache.select(torch.tensor(keep, device=device))
-        logits = _forward(model, feeds, cache)
+    rows = [_Row(protocol, problems[b], layout, random.Random(f"{seed}/{first + b}/{g}"))
+            for b in range(B) for g in range(G)]
+    longest = max(sum(len(ids) for ids, _ in row.blocks) for row in rows) + budget
+    engine = Engine(model, protocol, slots=B * G, max_len=longest, budget=budget,
+                    temperature=temperature,
+                    on_token=None if on_token is None else lambda row: on_token(row.ep))
+    for b in range(B):                            # prefill each prompt once ...
+        engine.join(rows[b * G])
+    engine.step()
+    for b in range(B):                            # ... and copy it into its group's other rows
+        for g in range(1, G):
+            engine.join(rows[b * G + g], like=rows[b * G])
+    while engine.fed:
+        engine.step()
     return [row.ep for row in rows]
 
 
@@ -129,138 +320,3 @@ def check_context(model, protocol: Protocol, problems: list[Problem], budget: in
             raise UserError(f"problem {p.id}: {n} observation tokens + --budget {budget} policy "
                             f"tokens exceed the model's context of {limit} tokens "
                             "(max_position_embeddings); lower --budget or shorten the problem")
-
-
-class _Row:
-    """Bookkeeping of one row: its episode (given its prompt), its observation blocks, the index
-    of the last block fed, how many tokens the policy wrote, and its random stream."""
-
-    def __init__(self, ep: Episode, blocks: list[tuple[list[int], list[int]]], rng: random.Random):
-        self.ep, self.blocks, self.block = ep, blocks, 0
-        self.n_policy, self.rng = 0, rng
-        first_ids, first_chunks = blocks[0]
-        ep.append(first_ids, policy=False, phase=self.phase, chunk=first_chunks)
-
-    @property
-    def phase(self) -> int:
-        """After the last block the model is in the deep phase; before it, streaming."""
-        return DEEP if self.block == len(self.blocks) - 1 else STREAM
-
-    @property
-    def done(self) -> bool:
-        return self.ep.parsed is not None
-
-    def write(self, tok: int, logp: float, protocol: Protocol, budget: int) -> list[int]:
-        """The model wrote ``tok``: record it, and return what the row feeds next — the token,
-        followed by the next observation block when it closed a thought; nothing once the row is
-        finished (stop token, or the budget: checked first, so a row whose budget-th token is
-        <EOT> stops there)."""
-        deep = self.phase == DEEP
-        self.ep.append([tok], policy=True, phase=self.phase,
-                       chunk=len(self.ep.problem.chunks) if deep else self.block, logprobs=[logp])
-        self.n_policy += 1
-        if tok in protocol.stop_ids or self.n_policy >= budget:
-            self.ep.truncated = tok not in protocol.stop_ids
-            protocol.finish(self.ep)
-            return []
-        if not deep and tok == protocol.eot:            # thought done: the next block arrives
-            self.block += 1
-            ids, chunks = self.blocks[self.block]
-            self.ep.append(ids, policy=False, phase=self.phase, chunk=chunks)
-            return [tok] + ids
-        return [tok]
-
-
-# ---------------------------------------------------------------------------------------------
-# Streaming inference from the command line: python rollout.py --model ... --problem "..."
-# ---------------------------------------------------------------------------------------------
-
-class LiveView:
-    """Prints episodes while they are rolled out (``rollout(..., on_token=LiveView(protocol))``):
-    the question, each chunk once it has been fed, each thought (or skip) once the model closes it
-    with <EOT>, and the ending when the episode stops."""
-
-    def __init__(self, protocol: Protocol):
-        self.protocol = protocol
-        self.shown: dict[int, list[int]] = {}   # id(episode) -> [chunks printed, thoughts printed]
-
-    def __call__(self, ep: Episode) -> None:
-        pr = self.protocol
-        if id(ep) not in self.shown:
-            print(f"Question: {ep.problem.question}", flush=True)
-            self.shown[id(ep)] = [0, 0]
-        shown = self.shown[id(ep)]
-        fed = sum(1 for t, pol in zip(ep.tokens, ep.is_policy) if not pol and t == pr.eos)
-        closed = [c for t, pol, ph, c in zip(ep.tokens, ep.is_policy, ep.phase, ep.chunk)
-                  if pol and ph == STREAM and t == pr.eot]
-        # a thought closes before the next chunk is fed: interleave chunk k, thought k, ...
-        for k in range(len(ep.problem.chunks)):
-            if shown[0] <= k < fed:
-                print(pr.chunk_line(ep.problem, k), flush=True)
-                shown[0] += 1
-            if shown[1] <= k < len(closed):
-                ids = [t for t, pol, c in zip(ep.tokens, ep.is_policy, ep.chunk) if pol and c == k]
-                print(pr.thought_line(pr.text(ids[:-1]).strip()), flush=True)
-                shown[1] += 1
-        if ep.parsed is not None:
-            print("\n".join(pr.ending_lines(ep)) + "\n", flush=True)
-
-
-def episode_record(ep: Episode) -> dict:
-    """One machine-readable record of a finished episode (``python rollout.py --json``)."""
-    p, ref = ep.parsed, ep.problem.answer
-    return {"id": ep.problem.id, "question": ep.problem.question, "chunks": ep.problem.chunks,
-            "thoughts": p.thoughts, "skips": p.skips, "deep": p.deep, "answer": p.answer,
-            "reference": ref or None, "correct": ep.correct if ref else None,
-            "format_valid": p.valid, "format_errors": p.stream_errors + p.deep_errors,
-            "stream_tokens": ep.stream_tokens, "deep_tokens": ep.deep_tokens,
-            "residual_tokens": ep.residual_tokens, "residual_s": round(ep.residual_s, 3),
-            "truncated": ep.truncated}
-
-
-def main(argv=None) -> None:
-    ap = ArgumentParser(description="Run a model on a stream and show it as it happens.")
-    ap.add_argument("--model", required=True, help="checkpoint directory, .gguf file or 'smollm2'")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--problem", help="free text; the asking sentence becomes the question")
-    src.add_argument("--data", help="StreamingThinker JSON or GSM8K JSONL file")
-    ap.add_argument("--limit", type=int, default=None, help="first N problems of --data")
-    ap.add_argument("--layout", default="stream", choices=LAYOUTS)
-    ap.add_argument("--wpm", type=float, default=Protocol.WPM, help="words per minute of the stream")
-    ap.add_argument("--decode-tps", type=float, default=Protocol.DECODE_TPS,
-                    help="model tokens per second")
-    ap.add_argument("--budget", type=int, default=BUDGET, help="policy tokens per problem")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json", action="store_true", help="one JSON record per problem")
-    args = ap.parse_args(argv)
-    check_options(args, [("--limit", args.limit is None or args.limit >= 1, "at least 1"),
-                         ("--wpm", args.wpm > 0, "positive"),
-                         ("--decode-tps", args.decode_tps > 0, "positive"),
-                         ("--budget", args.budget >= 1, "at least 1"),
-                         ("--temperature", args.temperature >= 0, "0 (greedy) or positive")])
-    check_device(args.device)
-
-    if args.problem is not None:
-        if marker := marker_in(args.problem):
-            raise UserError(f"option --problem holds the protocol marker {marker}: the markers are "
-                            "written by the protocol, never by the user")
-        question, chunks = split_question(args.problem)
-        problems = [Problem(id="cli", question=question, chunks=chunks, answer="")]
-    else:
-        problems = load_problems(args.data)[:args.limit]
-    model, tok = load_pretrained(args.model, device=args.device)
-    add_markers(model, tok)
-    protocol = Protocol(tok, wpm=args.wpm, decode_tps=args.decode_tps)
-    check_context(model, protocol, problems, args.budget)
-    for i, problem in enumerate(problems):
-        [ep] = rollout(model, protocol, [problem], layout=args.layout, budget=args.budget,
-                       temperature=args.temperature, seed=f"{args.seed}/{i}",
-                       on_token=None if args.json else LiveView(protocol))
-        if args.json:
-            print(json.dumps(episode_record(ep)), flush=True)
-
-
-if __name__ == "__main__":
-    run_cli(main)

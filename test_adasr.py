@@ -1554,7 +1554,7 @@ def test_read_then_think_rollout_thinks_after_the_last_chunk(tiny):
 
 
 def test_cli_runs_end_to_end(tiny, tmp_path, capsys):
-    import rollout as cli
+    import live as cli
     model, tok, _, problems = tiny
     save_checkpoint(model, tok, tmp_path / "ckpt")
     data = tmp_path / "st.json"
@@ -2736,6 +2736,410 @@ def test_phase_errors_reads_the_carried_state_and_the_answer(tiny):
 
 
 # =============================================================================================
+# The engine live: rollout.py's Engine fed as input arrives, live.py's sessions, serve.py
+# =============================================================================================
+
+def _live_row(protocol, problem, seed=0, b=0):
+    """A row of ``problem`` whose stream starts with the question alone (a live session's)."""
+    from rollout import _Row
+    return _Row(protocol, Problem(problem.id, problem.question, [], problem.answer), "stream",
+                random.Random(f"{seed}/{b}/0"), final=False)
+
+
+def _same_episode(live, ref):
+    assert live.tokens == ref.tokens and live.is_policy == ref.is_policy
+    assert live.phase == ref.phase and live.chunk == ref.chunk
+    assert live.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+    assert live.parsed == ref.parsed
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_engine_with_staggered_arrivals_and_neighbours_equals_rollout(tiny, temperature):
+    """Three live streams whose chunks arrive at their own steps (one row has its whole stream
+    at once, one a chunk every 4 steps, one every 9), beside a neighbour that joins at step 4 and
+    is sent away at step 15, give exactly rollout()'s episodes: the same tokens, log-probs and
+    parse. The model closes its thoughts at varied lengths (a boosted <EOT>), so rows wait."""
+    from rollout import Engine
+    model, _, pr, problems = tiny
+    model = _Steered(model, set(), pr.eot, everywhere=True, size=2.5)
+    kw = dict(budget=48, temperature=temperature, seed=3)
+    ref = rollout(model, pr, problems[:3], **kw)
+    engine = Engine(model, pr, slots=4, max_len=512, budget=48, temperature=temperature)
+    rows = [_live_row(pr, p, seed=3, b=b) for b, p in enumerate(problems[:3])]
+    every = [0, 4, 9]                       # a chunk every so many steps (0: all at once)
+    neighbour = _live_row(pr, problems[5], seed=9)
+    for row in rows:
+        engine.join(row)
+    waited, step = 0, 0
+    while engine.busy or any(not row.final for row in rows):
+        for row, n in zip(rows, every):
+            chunks = row.ep.problem.chunks
+            want = problems[rows.index(row)].chunks
+            while len(chunks) < len(want) and (n == 0 or step >= n * (len(chunks) + 1)):
+                row.arrive(want[len(chunks)])
+            if len(chunks) == len(want) and not row.final:
+                row.end()
+        if step == 4:
+            engine.join(neighbour)
+        if step == 15:
+            engine.leave(neighbour)
+        waited += sum(row.waiting for row in rows)
+        engine.step()
+        step += 1
+        assert step < 2000
+    assert waited >= 10                     # rows did wait for their chunks
+    assert neighbour.slot is None and all(r is None for r in engine.rows)
+    for row, r in zip(rows, ref):
+        _same_episode(row.ep, r)
+
+
+def test_a_waiting_row_feeds_nothing_and_a_chunk_that_arrives_mid_thought_waits_for_eot(tiny):
+    """Every thought is one token then <EOT> (the model is steered: a word after each chunk's
+    <EOS>, <EOT> after that word). Row A's second chunk is late: while A waits, no forward holds
+    it and its cache does not move. Row B's second chunk arrives while B is between the word and
+    the <EOT>: it is fed after the <EOT>, in the same step, never inside the thought."""
+    from rollout import Engine
+    model, _, pr, problems = tiny
+    word = pr.tok.encode(" x")[0]
+    steered = _Steered(_Steered(model, {pr.eos}, word), {word}, pr.eot)
+    seen = []                               # (rows, tokens) of every forward
+
+    class Counting(torch.nn.Module):
+        cfg = model.cfg
+
+        def new_cache(self, *a, **kw):
+            return steered.new_cache(*a, **kw)
+
+        def forward(self, ids, cache=None, return_hidden=False, lengths=None):
+            seen.append((ids.shape[0], int(lengths.sum())))
+            return steered(ids, cache=cache, return_hidden=return_hidden, lengths=lengths)
+
+        def logits(self, h):
+            return steered.logits(h)
+    engine = Engine(Counting(), pr, slots=4, max_len=512, budget=30, temperature=0.0)
+    a, b = (_live_row(pr, p) for p in problems[:2])
+    for row, p in ((a, problems[0]), (b, problems[1])):
+        row.arrive(p.chunks[0])
+        engine.join(row)
+    engine.step()                           # both prefill block 0
+    engine.step()                           # both write the word
+    assert b.ep.tokens[-1] == word and b.hold is None
+    b.arrive(problems[1].chunks[1])         # mid-thought: it must wait for <EOT>
+    engine.step()                           # both write <EOT>; B feeds <EOT> + chunk 1, A waits
+    assert a.waiting and not b.waiting
+    k = b.ep.tokens.index(pr.eot)
+    assert b.ep.is_policy[k] and not any(b.ep.is_policy[k + 1:])   # the chunk came after <EOT>
+    assert b.ep.chunk[k + 1:] == [1] * (len(b.ep.tokens) - k - 1) and b.ep.tokens[-1] == pr.eos
+    pos_a, n_before = int(engine.cache.pos[a.slot]), len(seen)
+    for _ in range(4):                      # B goes on; A waits
+        engine.step()
+    assert a.waiting and int(engine.cache.pos[a.slot]) == pos_a
+    assert all(rows == 1 for rows, _ in seen[n_before:])            # only B in every forward
+    a.arrive(problems[0].chunks[1])
+    engine.step()
+    assert not a.waiting and int(engine.cache.pos[a.slot]) > pos_a
+    assert a.ep.tokens[-1] == pr.eos        # <EOT> + chunk 1 fed together once it came
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+class _Client:
+    """A session over HTTP: opens it (the reply is its event stream), posts its input, reads its
+    events."""
+
+    def __init__(self, port, question, **extra):
+        import http.client
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.conn.request("POST", "/v1/sessions", json.dumps({"question": question, **extra}))
+        self.resp = self.conn.getresponse()
+        self.status, self.events = self.resp.status, []
+        if self.status == 200:
+            self.id = self.next()[1]["id"]
+
+    def next(self):
+        """The next event (name, data); None at the end of the stream."""
+        name = data = None
+        while True:
+            line = self.resp.fp.readline().decode()
+            if not line:
+                return None
+            if line.startswith("event: "):
+                name = line[7:].strip()
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+            elif line == "\n" and name:
+                self.events.append((name, data))
+                return name, data
+
+    def until(self, name):
+        while (event := self.next()) is not None and event[0] != name:
+            pass
+        return event
+
+    def post(self, body, raw=None, path=None):
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("POST", path or f"/v1/sessions/{self.id}",
+                     raw if raw is not None else json.dumps(body))
+        resp = conn.getresponse()
+        out = resp.status, json.loads(resp.read() or b"{}")
+        conn.close()
+        return out
+
+    def close(self):
+        self.resp.close()
+        self.conn.close()
+
+
+@pytest.fixture
+def server(tiny):
+    """serve.py's server on a free loopback port: the tiny model, 2 sessions of 400 tokens."""
+    import threading
+    from live import Limits, Live
+    from serve import Server
+    model, _, pr, problems = tiny
+    live = Live(model, pr, Limits(sessions=2, max_len=400, budget=24, idle_s=30))
+    srv = Server(("127.0.0.1", 0), {"stream": live}, [], max_bytes=4096)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv, live, problems
+    srv.stop()
+
+
+def _wait_for(cond, seconds=10.0):
+    import time
+    end = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def test_server_sessions_see_only_their_own_events_and_timings_match_them(server):
+    """Two sessions at once, each its own problem: each stream holds exactly one acknowledgement
+    per chunk of its own, its own thoughts, one response; and its recorded wall clock is what its
+    events' timestamps say (residual = the last token's event − input.committed)."""
+    import threading
+    srv, live, problems = server
+    port = srv.server_address[1]
+    clients = [_Client(port, p.question) for p in problems[:2]]
+    assert clients[0].id != clients[1].id and len(clients[0].id) >= 20
+
+    def speak(c, p):
+        for chunk in p.chunks:
+            assert c.post({"type": "input_chunk.append", "text": chunk})[0] == 200
+        assert c.post({"type": "input.commit", "final": True})[0] == 200
+    threads = [threading.Thread(target=speak, args=(c, p)) for c, p in zip(clients, problems)]
+    for t in threads:
+        t.start()
+    for c in clients:
+        while c.next() is not None:
+            pass
+    for t in threads:
+        t.join()
+    for c, p in zip(clients, problems):
+        names = [n for n, _ in c.events]
+        assert names[0] == "session.created" and names[-1] == "response.done"
+        assert names.count("response.done") == 1 and "error" not in names
+        assert [d["text"] for n, d in c.events if n == "chunk.accepted"] == p.chunks
+        t = {n: d for n, d in c.events}
+        timing = t["timings"]
+        assert timing["residual_s"] == pytest.approx(t["response.done"]["t"] - t["input.committed"]["t"],
+                                                     abs=2e-4)
+        assert timing["answer_done_s"] == pytest.approx(t["response.done"]["t"], abs=1e-4)
+        arrived = [d["t"] for n, d in c.events if n == "chunk.accepted"]
+        assert [ch["arrived_s"] for ch in timing["chunks"]] == pytest.approx(arrived, abs=1e-4)
+        closed = {d["chunk"]: d["t"] for n, d in c.events if n in ("thought.done", "thought.skip")}
+        assert {k: ch["thought_closed_s"] for k, ch in enumerate(timing["chunks"])
+                if ch["thought_closed_s"] is not None} == pytest.approx(closed, abs=1e-4)
+        c.close()
+    _wait_for(lambda: not live.sessions and all(r is None for r in live.engine.rows))
+
+
+def test_server_disconnect_frees_the_row_and_a_full_server_refuses(server):
+    srv, live, problems = server
+    port = srv.server_address[1]
+    a, b = (_Client(port, p.question) for p in problems[:2])
+    assert a.post({"type": "input_chunk.append", "text": problems[0].chunks[0]})[0] == 200
+    _wait_for(lambda: len(live.engine.live) == 2)
+    full = _Client(port, problems[2].question)          # the cap: 2 sessions
+    assert full.status == 503 and full.resp.getheader("Retry-After") == "5"
+    assert json.loads(full.resp.read())["error"]["code"] == "server_full"
+    a.close()                                           # goes away while its row waits
+    _wait_for(lambda: len(live.engine.live) == 1 and len(live.sessions) == 1, seconds=3)
+    assert b.post({"type": "input.commit", "final": True})[0] == 200
+    assert b.until("response.done") is not None
+    c = _Client(port, problems[2].question)             # a row is free again
+    assert c.status == 200
+    c.close()
+    _wait_for(lambda: not live.sessions and all(r is None for r in live.engine.rows), seconds=3)
+
+
+def test_server_bad_input_gets_an_error_event_naming_it_and_others_go_on(server):
+    srv, live, problems = server
+    port = srv.server_address[1]
+    bad, good = _Client(port, problems[0].question), _Client(port, problems[1].question)
+    cases = [  # (body, raw bytes, HTTP status, error code, words of the message)
+        ({"type": "input_chunk.append", "text": "You have 5.<EOI> More."}, None, 400,
+         "marker_in_input", "<EOI>"),
+        (None, b'{"type": "input_chunk.append", "text": "\xff\xfe"}', 400, "invalid_utf8", "UTF-8"),
+        ({"type": "input_chunk.append", "text": " ".join(["apples"] * 500)}, None, 400,
+         "context_overflow", "overflow"),
+        ({"type": "input_audio.append", "audio": ""}, None, 400, "unknown_event", "input_audio.append"),
+        ({"type": "input.commit"}, None, 400, "invalid_event", "final"),
+        ({"type": "input_chunk.append", "text": "x" * 5000}, None, 413, "message_too_large", "4096"),
+        (None, b"not json", 400, "invalid_json", "JSON"),
+    ]
+    for body, raw, status, code, words in cases:
+        got_status, reply = bad.post(body, raw)
+        assert (got_status, reply["error"]["code"]) == (status, code), reply
+        name, event = bad.until("error")
+        assert event["code"] == code and words in event["message"]
+    assert bad.post({"type": "input.commit", "final": True})[0] == 200
+    status, reply = bad.post({"type": "input_chunk.append", "text": "Late."})
+    assert status == 400 and reply["error"]["code"] == "input_after_end"
+    assert bad.post({}, path="/v1/sessions/not-a-session")[0] == 404
+    # the other session was never touched and finishes normally
+    for chunk in problems[1].chunks:
+        assert good.post({"type": "input_chunk.append", "text": chunk})[0] == 200
+    assert good.post({"type": "input.commit", "final": True})[0] == 200
+    assert good.until("response.done") is not None
+    assert not any(n == "error" for n, _ in good.events)
+    bad.until("response.done")
+    names = [n for n, _ in bad.events]
+    assert names.count("chunk.accepted") == 0 and names.count("response.done") == 1
+    for c in (bad, good):
+        c.close()
+
+
+# --- the page, in a real headless browser -----------------------------------------------------
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+                 if os.path.exists(p)), None)
+
+
+class _DevTools:
+    """Just enough of the Chrome DevTools protocol: one page's websocket, a command, its reply
+    (a hand-written client: a masked text frame out, frames in)."""
+
+    def __init__(self, url):
+        import base64
+        import socket
+        from urllib.parse import urlparse
+        u = urlparse(url)
+        self.sock = socket.create_connection((u.hostname, u.port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(f"GET {u.path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nUpgrade: "
+                          f"websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                          "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert b" 101 " in head.split(b"\r\n")[0], head
+        self.n = 0
+
+    def _read(self, k):
+        buf = b""
+        while len(buf) < k:
+            part = self.sock.recv(k - len(buf))
+            assert part, "DevTools closed the connection"
+            buf += part
+        return buf
+
+    def call(self, method, **params):
+        self.n += 1
+        payload = json.dumps({"id": self.n, "method": method, "params": params}).encode()
+        mask, n = os.urandom(4), len(payload)
+        size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        self.sock.sendall(b"\x81" + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        while True:
+            data = b""
+            while True:                     # one message, possibly in fragments
+                b0, b1 = self._read(2)
+                n = b1 & 0x7F
+                if n >= 126:
+                    n = int.from_bytes(self._read(2 if n == 126 else 8), "big")
+                data += self._read(n)
+                if b0 & 0x80:
+                    break
+            msg = json.loads(data)
+            if msg.get("id") == self.n:
+                return msg["result"]
+
+    def eval(self, expression):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install -y chromium)")
+def test_the_page_plays_a_problem_in_a_real_browser(tiny, tmp_path):
+    """serve.html in headless Chromium: it plays a held-out problem by itself (URL parameters),
+    side by side with read-then-think; the test reads each column from the page — a chunk line
+    per chunk, the skips (the model is steered to skip), the answer and the wait shown — and
+    checks them against what the server's sessions recorded."""
+    import subprocess
+    import threading
+    import time
+    import urllib.request
+    from live import Limits, Live
+    from serve import Server
+    model, _, pr, problems = tiny
+    steered = _Steered(model, {pr.eos}, pr.eot)
+    engines = {"stream": Live(steered, pr, Limits(sessions=2, max_len=400, budget=24)),
+               "rtt": Live(steered, pr, Limits(sessions=2, max_len=400, budget=24),
+                           layout="read_then_think")}
+    finished = {}
+    for name, live in engines.items():
+        def spy(row, live=live, name=name, hook=live._on_token):
+            s = live.by_row[id(row)]
+            hook(row)
+            if row.done:
+                finished[name] = s
+        live.engine.on_token = spy
+    p = problems[0]
+    srv = Server(("127.0.0.1", 0), engines, [{"id": p.id, "question": p.question,
+                                              "chunks": p.chunks, "answer": p.answer}])
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/?problem=0&wpm=1500&play=1"
+    browser = subprocess.Popen(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--remote-debugging-port=0", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in browser.stderr:
+            if "DevTools listening on ws://" in line:
+                port = int(line.split("ws://")[1].split("/")[0].split(":")[1])
+                break
+        deadline = time.monotonic() + 60
+        while True:
+            pages = [t for t in json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list").read())
+                     if t["type"] == "page" and t["url"].startswith(url[:20])]
+            if pages:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        page = _DevTools(pages[0]["webSocketDebuggerUrl"])
+        while page.eval("document.querySelector('#result').dataset.done") != "1":
+            assert time.monotonic() < deadline, page.eval("document.body.innerText")
+            time.sleep(0.1)
+        columns = json.loads(page.eval("""JSON.stringify([...document.querySelectorAll('.column')].map(c => ({
+            id: c.id, chunks: c.querySelectorAll('.chunk').length, skips: c.querySelectorAll('.thought.skip').length,
+            answer: c.querySelector('.answer').textContent, wait: c.querySelector('.wait').textContent})))"""))
+    finally:
+        browser.kill()
+        browser.wait()
+        srv.stop()
+    assert [c["id"] for c in columns] == ["stream", "rtt"]
+    for c in columns:
+        s = finished[c["id"]]
+        ep = s.row.ep
+        assert c["chunks"] == len(p.chunks)
+        assert c["skips"] == (len(p.chunks) if c["id"] == "stream" else 0)
+        answer = "null" if ep.parsed.answer is None else ep.parsed.answer
+        assert c["answer"].startswith(f"answer: {answer}")
+        assert c["wait"].startswith(f"waited {s.result['residual_s']:.2f} s after the end of input")
+
+
+# =============================================================================================
 # The command-line programs: a user error is one line `error: ...`, exit status 2, no traceback
 # =============================================================================================
 
@@ -2768,23 +3172,23 @@ BAD_INPUT = {   # case -> (command line, substrings the one line must hold)
     "train: --resume with no run": (["train.py", "--resume", "--out", "{d}/nothing"], ["--resume", "nothing"]),
     "train: --model missing": (["train.py", "--model", "{d}/no-such-model", "--stage", "eval"],
                                ["no-such-model", "not a checkpoint directory"]),
-    "rollout: --model missing": (["rollout.py", "--model", "{d}/no-such-model", "--problem", PROBLEM],
+    "live: --model missing": (["live.py", "--model", "{d}/no-such-model", "--problem", PROBLEM],
                                  ["no-such-model", "not a checkpoint directory"]),
-    "rollout: checkpoint missing a tensor": (["rollout.py", "--model", "{d}/no_tensor", "--problem", PROBLEM],
+    "live: checkpoint missing a tensor": (["live.py", "--model", "{d}/no_tensor", "--problem", PROBLEM],
                                              ["model.safetensors", "missing tensor 'model.norm.weight'"]),
-    "rollout: checkpoint without tokenizer.json": (["rollout.py", "--model", "{d}/no_tokenizer", "--problem", PROBLEM],
+    "live: checkpoint without tokenizer.json": (["live.py", "--model", "{d}/no_tokenizer", "--problem", PROBLEM],
                                                    ["no_tokenizer/tokenizer.json", "no such file"]),
     # Without the optional gguf package the (right) line says how to install it instead.
-    "rollout: garbage .gguf": (["rollout.py", "--model", "{d}/garbage.gguf", "--problem", PROBLEM],
+    "live: garbage .gguf": (["live.py", "--model", "{d}/garbage.gguf", "--problem", PROBLEM],
                                ["garbage.gguf", "GGUF" if HAS_GGUF else "pip install gguf"]),
-    "rollout: .gguf without the gguf package": (["-c", "import sys, runpy; sys.modules['gguf'] = None; "
-                                                 "sys.argv = ['rollout.py', '--model', 'x.gguf', '--problem', 'Hi?']; "
-                                                 "runpy.run_path('rollout.py', run_name='__main__')"],
+    "live: .gguf without the gguf package": (["-c", "import sys, runpy; sys.modules['gguf'] = None; "
+                                                 "sys.argv = ['live.py', '--model', 'x.gguf', '--problem', 'Hi?']; "
+                                                 "runpy.run_path('live.py', run_name='__main__')"],
                                                 ["pip install gguf"]),
-    "rollout: --budget 0": (["rollout.py", "--model", "{d}/ckpt", "--problem", PROBLEM, "--budget", "0"], ["--budget = 0"]),
-    "rollout: --temperature -1": (["rollout.py", "--model", "{d}/ckpt", "--problem", PROBLEM, "--temperature", "-1"],
+    "live: --budget 0": (["live.py", "--model", "{d}/ckpt", "--problem", PROBLEM, "--budget", "0"], ["--budget = 0"]),
+    "live: --temperature -1": (["live.py", "--model", "{d}/ckpt", "--problem", PROBLEM, "--temperature", "-1"],
                                   ["--temperature = -1.0"]),
-    "rollout: missing --data": (["rollout.py", "--model", "{d}/ckpt", "--data", "{d}/missing.jsonl"],
+    "live: missing --data": (["live.py", "--model", "{d}/ckpt", "--data", "{d}/missing.jsonl"],
                                 ["missing.jsonl", "no such file"]),
     "bench_rollout: --problems 0": (["-m", "tools.bench_rollout", "--problems", "0"], ["--problems = 0"]),
     "bench_model: --new-tokens 0": (["-m", "tools.bench_model", "--new-tokens", "0"], ["--new-tokens = 0"]),
@@ -2795,16 +3199,16 @@ BAD_INPUT = {   # case -> (command line, substrings the one line must hold)
     "data: missing file": (["data.py", "{d}/missing.jsonl"], ["missing.jsonl", "no such file"]),
     "train: --stream-credit state with --data": (["train.py", "--stream-credit", "state", "--data",
                                                   "{d}/missing.jsonl"], ["--stream-credit", "synthetic"]),
-    "rollout: empty --problem": (["rollout.py", "--model", "{d}/ckpt", "--problem", ""], ["no sentence"]),
-    "rollout: a marker in --problem": (["rollout.py", "--model", "{d}/ckpt", "--problem", "You have 5.<EOI> How many?"],
+    "live: empty --problem": (["live.py", "--model", "{d}/ckpt", "--problem", ""], ["option --problem is empty"]),
+    "live: a marker in --problem": (["live.py", "--model", "{d}/ckpt", "--problem", "You have 5.<EOI> How many?"],
                                       ["--problem", "<EOI>"]),
-    "rollout: --budget past the context": (["rollout.py", "--model", "{d}/ckpt", "--problem", PROBLEM, "--budget",
+    "live: --budget past the context": (["live.py", "--model", "{d}/ckpt", "--problem", PROBLEM, "--budget",
                                             "1000000000"], ["--budget 1000000000", "context of 2048"]),
     "train: --budget past the context": (["train.py", "--budget", "1000000000", "--n-train", "50", "--n-eval", "5"],
                                          ["--budget 1000000000", "context"]),
     "train: --sft-lr inf": (["train.py", "--sft-lr", "inf"], ["--sft-lr = inf"]),
     "train: --out is a file": (["train.py", "--out", "{d}/bad.jsonl"], ["--out", "is a file"]),
-    "adasr: a library, not a program": (["adasr.py", "--model", "x", "--problem", PROBLEM], ["rollout.py"]),
+    "adasr: a library, not a program": (["adasr.py", "--model", "x", "--problem", PROBLEM], ["live.py"]),
     "phase_errors: not a run": (["-m", "tools.phase_errors", "{d}"], ["config.json", "not found"]),
     "phase_errors: --group 0": (["-m", "tools.phase_errors", "{d}", "--group", "0"], ["--group = 0"]),
 }
