@@ -2594,10 +2594,10 @@ def test_non_finite_values_are_refused_and_never_written(tmp_path):
         for value in ("inf", "nan", "-inf"):
             _refused([f"{option}={value}"], f"option {option} = {value}")
     _refused(["--lam", "0,inf"], "option --lam = 0,inf", "finite")
-    import rollout
-    for option in ("--temperature", "--wpm", "--decode-tps"):           # rollout.py's, too
+    import live
+    for option in ("--temperature", "--wpm", "--decode-tps"):           # live.py's, too
         with pytest.raises(UserError, match=f"option {option} = inf must be a finite number"):
-            rollout.main(["--model", "m", "--problem", "You have 2 pens. How many?", f"{option}=inf"])
+            live.main(["--model", "m", "--problem", "You have 2 pens. How many?", f"{option}=inf"])
     _refused(["--alpha", "1e308"], "option --alpha = 1e308", "[0, 100]")
     with pytest.raises(UserError, match=r"eval.json: methods.hrpo.reward is -inf"):
         write_json(tmp_path / "eval.json", {"methods": {"hrpo": {"reward": float("-inf")}}})
