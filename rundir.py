@@ -1,45 +1,23 @@
 """rundir.py — a run directory is data: one writer, exact history, nothing lost by accident.
 
-    OUT/config.json      every option of the run (what made it)
-    OUT/metrics.jsonl    one line per training step: stage, job, step, metrics
-    OUT/checkpoint/      the job in progress: model files + trainer.pt (job, step, optimizer)
-    OUT/<job>/           the final model of each finished job (sft, hrpo, grpo, ...)
-    OUT/eval.json, traces.md, curves.png, timeline.png    the evaluation (report.py)
-    OUT/lock             the pid of the process writing here
+    OUT/config.json  the options that made it     OUT/metrics.jsonl  one line per training step
+    OUT/checkpoint/  the job in progress           OUT/<job>/         each finished job's model
+    OUT/eval.json, traces.md, curves.png, timeline.png  the evaluation    OUT/lock  the writer's pid
 
-What this file owns: the lock (``RunDir.lock``), what a directory is (``dir_kind``: a run, a
-multi-seed run, a model, something else) and what in it is the run's own (``foreign``), the
-comparison of a resumed run's options with the ones that made the directory (``check_resume``),
-starting afresh without deleting what the run did not make (``check_fresh``, ``start_fresh``),
-the metrics log (append, read, truncate on resume) and atomic JSON files. train.py decides
-*what* to write; this file decides how it stays whole.
+Owns: the lock, what a directory is (``dir_kind``: a run, a multi-seed run, a model, something
+else) and what in it is the run's own (``foreign``), resume checks, fresh starts, the metrics
+log, atomic JSON, the trainer state of the job in progress, and the stop flag (Ctrl-C, SIGTERM).
 
 Design decisions
-* A resumed run must be the run it continues. Every option that shapes what is trained — the
-  model, tokenizer, data, seed, steps, learning rates, rewards, precision — must equal the one in
-  config.json; ``RESUMABLE`` lists the few that may change (how fast, how chatty, where the
-  progress goes). Every mismatch is listed with both values, in one line, before any work; a
-  resumed run also checks that what it will rewrite or finish is its own (``check_own``).
-* A fresh run in a directory that already holds a run is refused unless ``--overwrite``; then it
-  removes only the files that it is about to write itself, never a model it reads (``--model``
-  inside OUT is refused where the run would write over it).
-* One writer per directory: ``lock`` is created exclusively and holds the writer's pid; a lock
-  whose process is gone is stale and taken over.
-* The metrics log keeps history exact: a job that (re)starts at step s drops its own lines after
-  s (a run killed after its last checkpoint logged steps it will log again); a partial last line
-  (what SIGKILL or a full disk leaves) is ignored when read and dropped when truncated.
-* A directory holds only what the run wrote. A fresh run starts in a new or empty directory, or
-  in one of its own runs (a config.json of this program); there, without ``--overwrite`` it is
-  refused, and with it each name it is about to write is first checked to be the run's own
-  (``foreign``: a model directory holds only what save_checkpoint writes, eval.json is an
-  evaluation record, a plot was drawn by matplotlib, ...). Anything else is refused, by name,
-  even with ``--overwrite``: nothing is ever deleted that the program cannot tell it wrote.
-* A model directory is never a run directory, a single run's directory never a multi-seed
-  run's, and the other way round (``check_out``): each would replace the other's config.json or
-  eval.json.
-* Numbers written are finite: an infinity in a JSON file or a metrics line stops the run with
-  one line naming the file and the key. NaN is this project's "unknown" (a skip rate on a data
-  set without irrelevant chunks, a curve that never got halfway) and is written as such.
+* A directory holds only what the run wrote: a fresh run starts in a new or empty directory or
+  in one of its own runs, and with --overwrite removes only names it writes, each checked to be
+  its own; anything else is refused by name. A model directory is never a run directory.
+* A resumed run is the run it continues: every option that shapes what is trained must equal
+  config.json's (``RESUMABLE`` lists the few that may change); every mismatch in one line.
+* The metrics log keeps history exact: a job that (re)starts at step s drops its lines after s;
+  a partial last line (SIGKILL, a full disk) is ignored when read and dropped when truncated.
+* Numbers written are finite; NaN is this project's "unknown" (a skip rate where no chunk is
+  known irrelevant) and is written as such.
 """
 from __future__ import annotations
 

@@ -1,38 +1,20 @@
 """tasks.py — the synthetic streaming tasks [ours]: problems whose relevant chunks are known.
 
-A stream of one-sentence events about people's counts of items ("You buy 3 apples.", "Ann
-loses 2 pens.", "It starts to rain."). Only some chunks matter for the question; the others are
-other people's events, other items, or filler. Because the generator knows which chunks matter,
-the skip rate on irrelevant chunks — *when* to think, what AdaSR learns — can be measured, and
-because the gold thoughts track the count, the state the stream carries can be checked
-(rewards.state_right). A small fixed vocabulary and a handful of sentence shapes keep the tiny
-model's BPE vocabulary small and the tasks learnable on a CPU in minutes.
-
-    you    Track your count of one item ("How many pens do you have at the end?"). The default.
-    named  Track a named person's count of one item among several people and items ("How many
-           pens does Ann have at the end?"): whether a chunk matters depends on the question.
-    recover  The positive control for HRPO: the gold stream misses half of your "find" events
-           and the deep phase re-reads the stream to recover, right but slow (``_recover``).
-    silent The case the positive control left open: the gold stream slips on half of your
-           events and the deep phase always re-reads, so a slip costs nothing (``_silent``).
-    long   Track your count over 8-12 chunks with counts up to 20 and changes up to 5, and the
-           question adds one change after the stream ("..., if you then buy 6 more?"): the deep
-           phase has necessary work of its own, so a rollout can be good in one phase and bad
-           in the other — the case phase-wise advantages are for.
+One-sentence events about people's counts of items ("You buy 3 apples.", "Ann loses 2 pens.",
+"It starts to rain."); only some chunks matter for the question. The generator knows which, and
+the count a right stream carries past every chunk, so *when* the model thinks (skip rates) and
+what state it carries (``Problem.states``) can be measured. Tasks (``TASKS``): you (the default),
+named, long, recover (HRPO's positive control), silent (a streaming mistake that costs nothing).
 
 Design decisions
-* The default target is "you", not a named person: whether a chunk matters is then visible in
-  the chunk itself, and a ~1M-parameter model spends its CPU minutes on when to think rather
-  than on binding names (it did not learn the binding in the main job's budget; docs/results.md).
-  ``named`` is for pretrained models (the smollm2 preset), which bind names as they read.
-* The gold thinks on every chunk and recaps in the deep phase (StreamingThinker style,
-  docs/method.md §5), except that a share ``terse`` of independent decisions is written tersely
-  (skip an irrelevant chunk; answer without a recap). The SFT model then already shows, now and
-  then, the behaviours RL should reward: RL re-weights what it samples, it cannot invent it in a
-  few hundred CPU steps.
-* Everything random uses its own random.Random seeded by a string, never the global RNG, so a
-  seed gives the same problems on every machine and Python run; the train and held-out splits
-  share no problem (``synthetic_splits``).
+* The default target is "you": whether a chunk matters is visible in the chunk itself, so a ~1M
+  parameter model spends its CPU minutes on when to think rather than on binding names (named is
+  for pretrained models).
+* The gold thinks on every chunk and recaps in the deep phase (StreamingThinker style), except a
+  share ``terse`` of decisions written tersely, so that SFT already shows now and then what RL
+  should reward: RL re-weights what it samples, it cannot invent it in a few hundred CPU steps.
+* Every random draw uses its own random.Random seeded by a string: a seed gives the same
+  problems on every machine; train and held-out splits share no problem.
 """
 from __future__ import annotations
 
