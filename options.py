@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 
 from adasr import LAYOUTS, MARKERS, Protocol
+from checkpoint import read_json
 from cli import (THREADS, ArgumentParser, DefaultsHelpFormatter, UserError, at_least,
                  check_device, check_options, checked, number_list, positive)
 from data import check_data_file
 from hrpo import CREDITS, HRPOConfig
 from rewards import REWARD_TERMS, STREAM_CREDITS, RewardConfig
 from rundir import (RESUMABLE, RUN_FILES, SEED_DIR, RunDir, check_model_path, check_out, config_kind,
-                    differences, dir_kind, file_digest, read_config, resolve_out)
+                    differences, dir_kind, file_digest, resolve_out)
 from tasks import TASKS
 
 PRESETS = {
@@ -229,7 +230,7 @@ def resumed(p: ArgumentParser, args, given: set[str]):
     made = [d for d in dirs if (d / "config.json").exists()]
     if not made:
         raise UserError(f"option --resume: {args.out} holds no run to resume (no config.json)")
-    config = read_config(made[0] / "config.json")
+    config = read_json(made[0] / "config.json")
     if config_kind(config) != "run":
         raise UserError(f"option --resume: {made[0] / 'config.json'} is not a config.json of "
                         "train.py")

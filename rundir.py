@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import recover_checkpoint, save_checkpoint
+from checkpoint import read_json, recover_checkpoint, save_checkpoint
 from cli import UserError
 
 # Options a resumed run may change: they change how fast or how visibly a run goes, not what it
@@ -112,19 +112,6 @@ def read_json_lines(path: Path, fields=METRIC_FIELDS) -> list[dict]:
                             "is damaged)")
         records.append(record)
     return records
-
-
-def read_config(path: Path) -> dict:
-    """A config.json (a run's or a model's); a truncated or non-object file is a UserError."""
-    try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read JSON ({e}); the file is damaged") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
 
 
 def config_kind(config: dict) -> str | None:
@@ -269,7 +256,7 @@ def foreign(target: Path) -> str | None:
 
 def _try_config(path: Path) -> dict:
     try:
-        return read_config(path)
+        return read_json(path)
     except UserError:
         return {}
 
@@ -341,7 +328,7 @@ class RunDir:
         return dir_kind(self.path) == "run"
 
     def config(self) -> dict:
-        return read_config(self.path / "config.json")
+        return read_json(self.path / "config.json")
 
     def check_resume(self, config: dict) -> None:
         """Refuse to resume with an option that shapes what is trained set otherwise than in the

@@ -149,6 +149,14 @@ def _named(rng, key, sizes, irrelevant, terse) -> Problem:
     return _track(rng, key, target, item, others, *sizes, irrelevant, terse)
 
 
+def _distractor(rng: random.Random, item: tuple[str, str], max_delta: int) -> str:
+    """A chunk that does not matter to your count (tasks recover and silent): a filler (a
+    third), or another person's event with your item."""
+    if rng.randrange(3) == 2:
+        return rng.choice(FILLERS).format(name=rng.choice(NAMES))
+    return _event(rng, rng.choice(NAMES), rng.choice(("have", *VERBS)), rng.randint(1, max_delta), item)
+
+
 def _recover(rng, key, sizes, irrelevant, terse, miss) -> Problem:
     """The positive control for HRPO [ours]: a stream whose quality varies on its own, and a
     deep phase that can make up for it at a price.
@@ -165,18 +173,13 @@ def _recover(rng, key, sizes, irrelevant, terse, miss) -> Problem:
     (``Problem.state``): the case where a reward per phase should let the streaming tokens
     learn "never miss" faster than one verdict per rollout. ``terse`` is not used."""
     item = rng.choice(ITEMS)
-
-    def others(rng):
-        if rng.randrange(3) == 2:
-            return rng.choice(FILLERS).format(name=rng.choice(NAMES))
-        return _event(rng, rng.choice(NAMES), rng.choice(("have", *VERBS)), rng.randint(1, sizes[2]), item)
     _, max_value, max_delta = sizes
     start = count = rng.randint(1, max_value)
     chunks, relevant, states = [_event(rng, "You", "have", count, item)], [True], [str(count)]
     events = []                              # (chunk index, verb, k, count before) of your events
     for _ in range(rng.randint(*sizes[0]) - 1):
         if rng.random() < irrelevant:
-            chunks.append(others(rng))
+            chunks.append(_distractor(rng, item, max_delta))
             relevant.append(False)
             states.append(str(count))
             continue
@@ -225,18 +228,13 @@ def _silent(rng, key, sizes, irrelevant, terse, slip) -> Problem:
     and GRPO, cannot tell them apart; R^s with the carried state (--stream-credit state) and the
     per-chunk rewards (--credit chunk) can. ``terse`` is not used."""
     item = rng.choice(ITEMS)
-
-    def others(rng):
-        if rng.randrange(3) == 2:
-            return rng.choice(FILLERS).format(name=rng.choice(NAMES))
-        return _event(rng, rng.choice(NAMES), rng.choice(("have", *VERBS)), rng.randint(1, sizes[2]), item)
     _, max_value, max_delta = sizes
     count = believed = rng.randint(1, max_value)
     chunks, relevant, states = [_event(rng, "You", "have", count, item)], [True], [str(count)]
     thoughts, recap = [f"You start with {count}."], [f"You started with {count}."]
     for _ in range(rng.randint(*sizes[0]) - 1):
         if rng.random() < irrelevant:
-            chunks.append(others(rng))
+            chunks.append(_distractor(rng, item, max_delta))
             relevant.append(False)
             thoughts.append("")
             states.append(str(count))

@@ -35,7 +35,7 @@ import torch
 import torch.distributed
 
 from adasr import INSTRUCTION, MARKERS, Protocol
-from checkpoint import add_markers, boost_rows, load_pretrained, save_checkpoint
+from checkpoint import add_markers, boost_rows, load_pretrained, read_json, save_checkpoint
 from cli import UserError, run_cli
 from data import load_problems, warn_overlap
 from hrpo import HRPOConfig, group_signal, means, rl_update, sft_update
@@ -45,7 +45,7 @@ from parallel import Dist, setup_distributed
 from report import aggregate, evaluate_run, plot_curves, progress_line, report, warn_slow_bf16
 from rewards import RewardConfig, score, summarize
 from rollout import check_context, rollout
-from rundir import RunDir, StopFlag, read_config, save_state, trainer_state, write_json
+from rundir import RunDir, StopFlag, save_state, trainer_state, write_json
 from tasks import TASKS, synthetic_splits
 from tokenizer import train_bpe
 
@@ -236,10 +236,9 @@ class Run:
                                                                 self.args.sft_batch)
         episodes = [self.gold[job.layout][i] for i in idx]
         t = time.time()
-        update = self.dist.sum(sft_update(model, optimizer, episodes, self.args.micro_batch,
-                                          mine=self.dist.share))
-        seconds = time.time() - t
-        return {"sft_loss": update["loss"], "grad_norm": update["grad_norm"] / self.dist.world,
+        update = sft_update(model, optimizer, episodes, self.args.micro_batch, mine=self.dist.share)
+        seconds = time.time() - t                 # the loss is this rank's part; the norm is global
+        return {"sft_loss": self.dist.sum({"loss": update["loss"]})["loss"], "grad_norm": update["grad_norm"],
                 "tokens_per_s": sum(len(ep.tokens) for ep in episodes) / seconds, "sft_s": seconds}
 
     def rl_step(self, step: int, model, optimizer, hrpo: HRPOConfig, rewards: RewardConfig,
@@ -330,7 +329,7 @@ def train_seed(args, seed: int, rundir: RunDir, dist: Dist) -> dict | None:
         trained = {"model": (run.model, args.layout)}
     done = out / "eval.json"
     if args.resume and done.exists() and not run.trained:
-        result = read_config(done)                # checked to be ours by options.check_args
+        result = read_json(done)                # checked to be ours by options.check_args
         if set(trained) <= set(result.get("methods", {})):
             print(f"[eval] {out}: every method already evaluated")
             return {**result, "methods": {k: v for k, v in result["methods"].items() if k in trained}}

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from adasr import Episode, Protocol
-from checkpoint import load_pretrained
+from checkpoint import load_pretrained, read_json
 from cli import THREADS, ArgumentParser, UserError, run_cli
 from rewards import state_right
-from rundir import config_kind, read_config
+from rundir import config_kind
 from rollout import rollout
 from train import load_data
 
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     config_file = run / "config.json"
     if not config_file.is_file():
         raise UserError(f"{config_file}: not found (give the directory of one seed's run)")
-    config = read_config(config_file)         # a truncated or non-object file: one line
+    config = read_json(config_file)         # a truncated or non-object file: one line
     if config_kind(config) != "run":
         raise UserError(f"{config_file}: not a config.json of train.py (give the directory of "
                         "one seed's run)")
