@@ -2455,17 +2455,19 @@ def test_dynamic_sampling_refills_until_the_batch_has_signal():
 
     def signal_every_third_missing(episodes, rewards):            # "rewards" are problem ids here
         return [r % 3 != 0 for r in rewards[::G]]
-    kept, kept_rewards, episodes, rewards, generated = dynamic_sampling(
+    kept, kept_rewards, episodes, rewards, generated, with_signal = dynamic_sampling(
         candidates, B, G, roll, signal_every_third_missing)
     # round 1: 0..3 (signal 1, 2), round 2: the 2 missing, 4..5 (both), done
     assert rounds == [(0, [0, 1, 2, 3]), (4, [4, 5])] and generated == 6
     assert kept == ["1/0", "1/1", "2/0", "2/1", "4/0", "4/1", "5/0", "5/1"]
     assert kept_rewards == [1, 1, 2, 2, 4, 4, 5, 5]
     assert rewards == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5] and len(episodes) == 12
+    assert with_signal == 4                 # of the 6 groups rolled out: zero_signal 1/3
     rounds.clear()
-    kept, _, episodes, _, generated = dynamic_sampling(candidates, B, G, roll,
-                                                       lambda e, r: [False] * (len(r) // G))
+    kept, _, episodes, _, generated, with_signal = dynamic_sampling(
+        candidates, B, G, roll, lambda e, r: [False] * (len(r) // G))
     assert kept == [] and generated == 12 and len(episodes) == 24     # stopped by the cap
+    assert with_signal == 0
     assert [first for first, _ in rounds] == [0, 4, 8]
 
 

@@ -38,7 +38,7 @@ from adasr import INSTRUCTION, MARKERS, Protocol
 from checkpoint import add_markers, boost_rows, load_pretrained, read_json, save_checkpoint
 from cli import UserError, run_cli
 from data import load_problems, warn_overlap
-from hrpo import HRPOConfig, group_signal, means, rl_update, sft_update
+from hrpo import STATS, HRPOConfig, group_signal, means, rl_update, sft_update
 from model import Transformer, init_weights, tiny_config
 from options import Job, parse_args, plan, run_config, run_dirs, writes
 from parallel import Dist, setup_distributed
@@ -262,7 +262,7 @@ class Run:
         t = time.time()
         model.eval()
         # 3. Dynamic sampling: keep the first rl_batch groups that carry signal.
-        kept, kept_rewards, episodes, scores, generated = dynamic_sampling(
+        kept, kept_rewards, episodes, scores, generated, with_signal = dynamic_sampling(
             candidates, args.rl_batch, G, roll, lambda e, r: group_signal(e, r, G, hrpo))
         t_roll = time.time() - t
         # 4. The advantages and the mini-batch updates of the clipped loss, on the kept groups.
@@ -273,19 +273,14 @@ class Run:
         # 5. Metrics of every rollout of the step, kept or not.
         n_policy = sum(sum(ep.is_policy) for ep in episodes)
         n_all = sum(len(ep.tokens) - ep.prompt_len for ep in episodes)
-        return {**summarize(episodes, scores), **means(self.sum_update(update)),
+        update.update(self.dist.sum({k: update[k] for k in STATS}))   # every rank's tokens
+        return {**summarize(episodes, scores), **means(update),
                 "groups_generated": generated, "groups_kept": len(kept) // G,
-                "zero_signal": 1 - sum(group_signal(episodes, scores, G, hrpo)) / generated,
+                "zero_signal": 1 - with_signal / generated,
                 "problem_ids": [p.id for p in candidates[:generated]],
                 "rollout_policy_tokens_per_s": n_policy / t_roll, "rollout_tokens_per_s": n_all / t_roll,
                 "tokens_per_s": n_policy / (t_roll + t_update),
                 "rollout_s": t_roll, "update_s": t_update}
-
-    def sum_update(self, update: dict) -> dict:
-        """The update's sums over every rank (data parallel; the grad norm is already global)."""
-        summed = self.dist.sum({k: v for k, v in update.items() if k not in ("updates", "policy_tokens", "grad_norm")})
-        return {**update, **summed}
-
 
 def dynamic_sampling(candidates: list, batch: int, group: int, roll, signal):
     """DAPO's dynamic sampling: roll out groups of ``candidates`` (problems, in order) until
@@ -293,20 +288,21 @@ def dynamic_sampling(candidates: list, batch: int, group: int, roll, signal):
 
     ``roll(problems, first) -> (episodes, rewards)`` rolls out a round, ``group`` episodes per
     problem, grouped (``first``: where the round starts among the candidates); ``signal(episodes,
-    rewards)`` says which of a round's groups carry signal. Returns (kept episodes, their rewards, every
-    episode rolled out, their rewards, groups rolled out)."""
-    kept, kept_rewards, episodes, rewards, generated = [], [], [], [], 0
+    rewards)`` says which of a round's groups carry signal. Returns (kept episodes, their rewards,
+    every episode rolled out, their rewards, groups rolled out, of those the groups with signal)."""
+    kept, kept_rewards, episodes, rewards, generated, with_signal = [], [], [], [], 0, 0
     while len(kept) < batch * group and generated < len(candidates):
         n = min(batch - len(kept) // group, len(candidates) - generated)   # groups still missing
         round_episodes, round_rewards = roll(candidates[generated:generated + n], generated)
         for b, has_signal in enumerate(signal(round_episodes, round_rewards)):
+            with_signal += has_signal
             if has_signal and len(kept) < batch * group:
                 kept += round_episodes[b * group:(b + 1) * group]
                 kept_rewards += round_rewards[b * group:(b + 1) * group]
         episodes += round_episodes
         rewards += round_rewards
         generated += n
-    return kept, kept_rewards, episodes, rewards, generated
+    return kept, kept_rewards, episodes, rewards, generated, with_signal
 
 
 # ---------------------------------------------------------------------------------------------
